@@ -1,0 +1,42 @@
+"""EngineConfig: the one place engine settings live."""
+import re
+from dataclasses import dataclass
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: int | str) -> int:
+    """2147483648, "2GiB", "512MB" -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_cache_memory must be bytes or a size like '2GiB', got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"
+    dtype: str = "auto"
+    device: str | None = None            # None: cuda when available, else cpu
+    max_model_len: int | None = None      # None: the model's, capped by the KV cache capacity
+    max_num_seqs: int = 256               # most sequences running at once
+    max_num_batched_tokens: int | None = None  # prefill token budget per step; None: max(8192, max_model_len)
+    kv_cache_memory: int | str | None = None   # bytes for the KV cache; None: 2 GiB on CPU, 90% of free on CUDA
+    num_kv_blocks: int | None = None      # fixes the pool size outright (tests, small machines)
+    block_size: int = 16
+    seed: int = 0                         # seeds the draws of requests that give no seed of their own
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+            if self.kv_cache_memory <= 0:
+                raise ValueError("kv_cache_memory must be positive")

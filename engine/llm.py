@@ -1,0 +1,83 @@
+"""LLM: the offline entry point, as vLLM users know it (generate, chat)."""
+import time
+from itertools import count
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+Message = dict[str, Any]
+
+
+class LLM:
+    def __init__(self, model: str = "default", dtype: str = "auto", max_model_len: int | None = None,
+                 max_num_seqs: int = 256, kv_cache_memory: int | str | None = None,
+                 num_kv_blocks: int | None = None, block_size: int = 16, **kwargs):
+        self.engine = LLMEngine(EngineConfig(
+            model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks, block_size=block_size, **kwargs))
+        self._request_ids = count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[int] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run(list(prompts), params, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        texts = [tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tools=tools,
+                                         **(chat_template_kwargs or {})) for conv in conversations]
+        # the template already holds the special tokens it wants: encode without adding BOS again
+        prompts = [(text, tok.encode(text, add_special_tokens=False)) for text in texts]
+        return self._run(prompts, params, use_tqdm)
+
+    def _run(self, prompts: list, params, use_tqdm: bool) -> list[RequestOutput]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        else:
+            params = [params] * len(prompts)
+        ids = [f"offline-{next(self._request_ids)}" for _ in prompts]
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params):
+                if isinstance(prompt, tuple):  # (rendered text, its token ids), from chat()
+                    self.engine.add_request(request_id, prompt[0], p, prompt_token_ids=prompt[1])
+                else:
+                    self.engine.add_request(request_id, prompt, p)
+        except Exception:
+            for request_id in ids:  # all or nothing: a bad prompt leaves no half-submitted batch behind
+                self.engine.abort_request(request_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
+        start, generated = time.perf_counter(), 0
+        try:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    generated += sum(1 for o in out.outputs if o.token_ids)  # one new token per running sequence
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+                bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]

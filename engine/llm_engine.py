@@ -1,0 +1,197 @@
+"""LLMEngine: add_request / step / abort. One step = schedule -> run model -> sample -> detokenize -> emit."""
+import logging
+from dataclasses import dataclass
+from itertools import count
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from models.loading import load_model
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BYTES = 2 * 2**30
+_CUDA_MEMORY_FRACTION = 0.9
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = load_model(config.model, config.dtype, device)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = set(loaded.config.eos_token_ids) | set(loaded.tokenizer.eos_token_ids)
+        self.vocab_size = loaded.config.vocab_size
+        dtype = next(loaded.model.parameters()).dtype
+        num_blocks = self._num_blocks(config, device, dtype)
+        self.max_model_len = self._max_model_len(config, num_blocks)
+        budget = config.max_num_batched_tokens or max(8192, self.max_model_len)
+        if budget < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_model_len ({self.max_model_len}) "
+                             "until chunked prefill exists")
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = count()
+        torch.manual_seed(config.seed)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB); max_model_len %d",
+                    num_blocks, config.block_size, num_blocks * config.block_size,
+                    self.runner.k_cache.nbytes * 2 / 2**20, self.max_model_len)
+
+    def _num_blocks(self, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        block_bytes = config.block_size * self.model_config.kv_bytes_per_token * dtype.itemsize
+        budget = config.kv_cache_memory
+        if budget is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = int(free * _CUDA_MEMORY_FRACTION)
+            else:
+                budget = _CPU_KV_BYTES
+        num_blocks = budget // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory ({budget} bytes) holds no block of {block_bytes} bytes")
+        return num_blocks
+
+    def _max_model_len(self, config: EngineConfig, num_blocks: int) -> int:
+        cfg = self.model_config
+        capacity = num_blocks * config.block_size
+        if config.max_model_len is not None:
+            if config.max_model_len > cfg.max_position_embeddings:
+                raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
+                                 f"max_position_embeddings ({cfg.max_position_embeddings})")
+            if config.max_model_len > capacity:
+                raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the KV cache capacity "
+                                 f"({capacity} tokens): raise kv_cache_memory or num_kv_blocks")
+            return config.max_model_len
+        limit = min(cfg.max_position_embeddings, capacity)
+        if cfg.sliding_window and cfg.sliding_window < limit:
+            logger.warning("sliding-window attention is not implemented: max_model_len capped at the window (%d)",
+                           cfg.sliding_window)
+            limit = cfg.sliding_window
+        return limit
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None) -> None:
+        """Validate and queue a request: a text prompt, or token ids (with the text they came from, if known).
+
+        Raises ValueError, leaving the engine untouched, on bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if prompt_token_ids is not None:
+            text, token_ids = prompt, list(prompt_token_ids)
+        elif isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
+                             "which must leave room for at least one generated token")
+        params.validate_vocab(self.vocab_size)
+        seqs, detoks = [], []
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(
+                self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop_list,
+                include_stop_str_in_output=params.include_stop_str_in_output))
+        self.requests[request_id] = _Request(request_id, text, list(token_ids), seqs, detoks)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns an output for each request that advanced (finished ones last time)."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        logits = self.runner.run(seqs, is_prefill)
+        sampled = self.sampler(logits, seqs)
+        touched: dict[str, _Request] = {}
+        for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs):
+            request = self.requests[seq.request_id]
+            seq.num_cached_tokens = seq.num_tokens
+            seq.output_token_ids.append(token)
+            if logprobs is not None:
+                seq.logprobs.append(logprobs)
+            detok = request.detokenizers[seq.index]
+            detok.add(token)
+            reason = self._finish_reason(seq, token, detok)
+            if reason is not None:
+                if detok.stop_reason is None:
+                    detok.flush()
+                self.scheduler.finish(seq, reason)
+            touched[request.request_id] = request
+        outputs = [self._output(r) for r in touched.values()]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
+        params = seq.params
+        if detok.stop_reason is not None:
+            seq.stop_reason = detok.stop_reason
+            return "stop"
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return "stop"
+        if params.stop_token_ids and token in params.stop_token_ids:
+            seq.stop_reason = token
+            return "stop"
+        if params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outputs = [CompletionOutput(index=seq.index, text=detok.text, token_ids=list(seq.output_token_ids),
+                                    finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                                    logprobs=seq.logprobs)
+                   for seq, detok in zip(request.seqs, request.detokenizers)]
+        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
+                             prompt_token_ids=request.prompt_token_ids, outputs=outputs,
+                             finished=all(seq.is_finished for seq in request.seqs),
+                             num_preemptions=sum(seq.num_preemptions for seq in request.seqs))

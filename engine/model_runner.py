@@ -1,0 +1,75 @@
+"""Runs the model on one scheduled step: builds the flat batch, owns the KV cache tensors."""
+import logging
+
+import torch
+
+from engine.sequence import Sequence
+from kernels import AttentionMetadata
+from models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        cfg = model.config
+        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # zeros, not empty: attention masks padded slots, and 0 * NaN from stale garbage would still be NaN
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache = self.k_cache[i]
+            layer.self_attn.v_cache = self.v_cache[i]
+
+    def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+
+    def _prepare_prefill(self, seqs: list[Sequence]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu_seqlens = [0]
+        context_lens = []
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_tokens
+            input_ids.extend(seq.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            for i in range(start // bs, -(-end // bs)):  # one range per block, not per token
+                offset = seq.block_table[i] * bs - i * bs
+                slots.extend(range(offset + max(start, i * bs), offset + min(end, (i + 1) * bs)))
+            cu_seqlens.append(cu_seqlens[-1] + end - start)
+            context_lens.append(end)
+        meta = AttentionMetadata(
+            is_prefill=True, slot_mapping=self._tensor(slots), block_tables=self._block_tables(seqs),
+            context_lens=self._tensor(context_lens, torch.int32), cu_seqlens_q=cu_seqlens,
+            context_lens_list=context_lens)
+        last = self._tensor([c - 1 for c in cu_seqlens[1:]])
+        return self._tensor(input_ids), self._tensor(positions), meta, last
+
+    def _prepare_decode(self, seqs: list[Sequence]):
+        bs = self.block_size
+        positions = [seq.num_tokens - 1 for seq in seqs]
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        meta = AttentionMetadata(
+            is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._block_tables(seqs),
+            context_lens=self._tensor([p + 1 for p in positions], torch.int32))
+        return self._tensor([seq.last_token_id for seq in seqs]), self._tensor(positions), meta, None
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Next-token logits [len(seqs), vocab], float32."""
+        prepare = self._prepare_prefill if is_prefill else self._prepare_decode
+        input_ids, positions, meta, last = prepare(seqs)
+        hidden = self.model(input_ids, positions, meta)
+        if last is not None:
+            hidden = hidden[last]
+        return self.model.compute_logits(hidden)

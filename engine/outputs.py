@@ -1,0 +1,26 @@
+"""What generate() and step() hand back, shaped as vLLM's RequestOutput / CompletionOutput."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    logprobs: list[dict[int, float]] | None = None  # per generated token: token id -> logprob
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    num_preemptions: int = 0

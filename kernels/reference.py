@@ -1,0 +1,68 @@
+"""Plain-torch reference implementation of the attention backend over a paged KV cache.
+
+Cache layout: one tensor per layer for K and one for V, [num_blocks, block_size, num_kv_heads, head_dim].
+The token at position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v [num_tokens, num_kv_heads, head_dim] into the cache slots named by slot_mapping."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence, [length, num_kv_heads, head_dim]."""
+    num_blocks = -(-length // cache.shape[1])
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: list[int],
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: list[int], scale: float) -> torch.Tensor:
+    """Causal attention for a flat batch of variable-length query chunks.
+
+    q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim] are the new tokens (already
+    stored in the cache). Sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1] and has context_lens[i] tokens in
+    all; when that is more than its query rows, the earlier tokens are read from the cache (a cached prefix).
+    """
+    out = torch.empty_like(q)
+    for i, ctx in enumerate(context_lens):
+        start, end = cu_seqlens_q[i], cu_seqlens_q[i + 1]
+        n_q = end - start
+        qi = q[start:end].transpose(0, 1).unsqueeze(0)
+        if ctx == n_q:
+            ki, vi, mask, causal = k[start:end], v[start:end], None, True
+        else:
+            ki, vi = _gather(k_cache, block_tables[i], ctx), _gather(v_cache, block_tables[i], ctx)
+            # query row r sits at position ctx - n_q + r and sees keys up to and including that position
+            q_pos = torch.arange(ctx - n_q, ctx).unsqueeze(1)
+            mask, causal = torch.arange(ctx).unsqueeze(0) <= q_pos, False
+        ki, vi = ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=causal, scale=scale,
+                                           enable_gqa=True)
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, q [batch, num_heads, head_dim], attending to its context_lens cached tokens.
+
+    block_tables [batch, max_blocks] is padded with any valid block id; padding is masked by context_lens.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = block_tables.shape[1] * k_cache.shape[1]
+    # [batch, max_len, kv_heads, d] -> [batch, kv_heads, max_len, d]
+    k = k_cache[block_tables].view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache[block_tables].view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    # the heads that share a KV head become that head's query rows: no repeat of K/V needed
+    qg = q.view(batch, num_kv_heads, group, head_dim)
+    mask = (torch.arange(max_len, device=q.device) < context_lens.unsqueeze(1)).view(batch, 1, 1, max_len)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return o.reshape(batch, num_heads, head_dim)

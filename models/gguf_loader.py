@@ -1,0 +1,101 @@
+"""Read a GGUF file: its config from the metadata, its tensors dequantised with the `gguf` package."""
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+# GGUF general.architecture -> the Hugging Face architecture we run it as
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # the reader raises assorted errors on a truncated or foreign file
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def _field(reader: GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_to_hf_config(reader: GGUFReader) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF general.architecture {arch!r}; supported: {', '.join(_ARCHITECTURES)}")
+
+    def meta(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
+    heads = meta("attention.head_count")
+    hidden = meta("embedding_length")
+    names = {t.name for t in reader.tensors}
+    vocab = meta("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    cfg = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta("attention.head_count_kv", heads),
+        "head_dim": meta("attention.key_length", hidden // heads),
+        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": meta("rope.freq_base", 10000.0),
+        "max_position_embeddings": meta("context_length", 2048),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    if meta("rope.scaling.type") == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
+    return cfg
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        layer, kind, suffix = parts[1], parts[2], parts[3]
+        if kind not in _LAYER_NAMES:
+            raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in the model")
+        return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+    if parts[0] not in _TOP_NAMES:
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in the model")
+    prefix = "" if parts[0] == "output" else "model."
+    return f"{prefix}{_TOP_NAMES[parts[0]]}.{parts[1]}"
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q/k rows (interleaved rope pairs) back to HF's rotate-half layout."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_weights(reader: GGUFReader, cfg: dict) -> dict[str, torch.Tensor]:
+    """All tensors, dequantised to float32, under Hugging Face names and layouts."""
+    permute = cfg["architectures"][0] == "LlamaForCausalLM"
+    weights = {}
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        if permute and t.name.endswith("attn_q.weight"):
+            w = _unpermute(w, cfg["num_attention_heads"])
+        elif permute and t.name.endswith("attn_k.weight"):
+            w = _unpermute(w, cfg["num_key_value_heads"])
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not w.flags.writeable:  # unquantised tensors are views of the read-only memory map
+            w = w.copy()
+        weights[_hf_name(t.name)] = torch.from_numpy(w)
+    return weights
