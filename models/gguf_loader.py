@@ -19,10 +19,10 @@ _TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         return GGUFReader(path)
-    except FileNotFoundError:
-        raise
     except Exception as e:  # the reader raises assorted errors on a truncated or foreign file
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 

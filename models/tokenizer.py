@@ -8,27 +8,16 @@ from typing import Any
 import tokenizers
 from gguf import GGUFReader
 from sentencepiece import SentencePieceProcessor
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, processors
 
 from models.chat_template import render_chat_template
+from models.gguf_loader import open_gguf
+from models.gguf_tokenizer import NORMAL, SPACE, byte_level_bpe, sentencepiece_bpe
 
 logger = logging.getLogger(__name__)
 
-_SPACE = "\u2581"  # sentencepiece's visible space
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
-# GGUF tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-
-# tokenizer.ggml.pre -> how text is split before byte-level BPE. Names follow llama.cpp's groups.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-_REGEX_PRE = {name: _LLAMA3_SPLIT for name in ("llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe", "dbrx")}
-_REGEX_PRE.update({name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen", "megrez")})
-# Single digits first, then the GPT-2 split: what the SmolLM2 tokenizer.json and llama.cpp do for these.
-_DIGITS_PRE = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
-_GPT2_PRE = {None, "default", "gpt-2", "gpt2"}
 
 
 def _token_text(value: Any) -> str | None:
@@ -45,33 +34,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used to spell byte-level BPE tokens."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    spelling, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            spelling[b] = chr(b)
-        else:
-            spelling[b] = chr(256 + extra)
-            extra += 1
-    return spelling
-
-
-def _derive_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
-    """BPE merges implied by a sentencepiece vocabulary: a pair merges iff its concatenation is a piece,
-    earlier the higher that piece scores. This reproduces sentencepiece's BPE encoding."""
-    normal = {t: i for i, t in enumerate(tokens) if types[i] == _NORMAL}
-    ranked = []
-    for token, i in normal.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in normal and right in normal:
-                ranked.append((-scores[i], normal[left], normal[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
 
 
 def _template_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> processors.TemplateProcessing:
@@ -109,7 +71,7 @@ class _SentencePieceBackend:
         self.special_ids = {i for i, special in self.added.values() if special}
         pattern = "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True) if t)
         self._split = re.compile(f"({pattern})") if pattern else None
-        self._strips_prefix = "".join(self.sp.encode("a", out_type=str)).startswith(_SPACE)
+        self._strips_prefix = "".join(self.sp.encode("a", out_type=str)).startswith(SPACE)
 
     @property
     def vocab_size(self) -> int:
@@ -136,7 +98,7 @@ class _SentencePieceBackend:
                 if self.sp.is_byte(i):
                     out.append(int(piece[3:-1], 16))  # "<0x0A>"
                 else:
-                    out += piece.replace(_SPACE, " ").encode()
+                    out += piece.replace(SPACE, " ").encode()
         text = out.decode("utf-8", errors="replace")
         return text[1:] if self._strips_prefix and text.startswith(" ") else text
 
@@ -202,7 +164,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, source: str | Path | GGUFReader) -> "Tokenizer":
         """Rebuild the tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata."""
-        reader = source if isinstance(source, GGUFReader) else _open_gguf(source)
+        reader = source if isinstance(source, GGUFReader) else open_gguf(source)
 
         def meta(key: str, default: Any = None) -> Any:
             field = reader.fields.get(key)
@@ -213,12 +175,12 @@ class Tokenizer:
             raise ValueError(f"unsupported GGUF tokenizer.ggml.model {kind!r}; supported: 'gpt2', 'llama'")
         if not tokens:
             raise ValueError("GGUF file has no tokenizer.ggml.tokens")
-        types = meta("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+        types = meta("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
         merges = meta("tokenizer.ggml.merges")
         if kind == "gpt2":
-            backend = _gguf_byte_level_bpe(tokens, types, merges or [], meta("tokenizer.ggml.pre"))
+            backend = byte_level_bpe(tokens, types, merges or [], meta("tokenizer.ggml.pre"))
         else:
-            backend = _gguf_sentencepiece_bpe(tokens, types, meta("tokenizer.ggml.scores"), merges,
+            backend = sentencepiece_bpe(tokens, types, meta("tokenizer.ggml.scores"), merges,
                                               add_prefix=meta("tokenizer.ggml.add_space_prefix", True))
 
         def token(key: str) -> str | None:
@@ -334,70 +296,3 @@ def _load_chat_templates(root: Path, config: dict) -> tuple[str | None, dict[str
         named = {t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t and "template" in t}
         return named.get("default", next(iter(named.values()), None)), named
     return (value if isinstance(value, str) else None), {}
-
-
-def _open_gguf(path: str | Path) -> GGUFReader:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on truncated or foreign files
-        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
-
-
-def _added_tokens(tokens: list[str], types: list[int]) -> list[AddedToken]:
-    """Control and unknown tokens become special added tokens, user-defined ones plain added tokens:
-    either way they are matched whole in the text instead of being cut into pieces."""
-    return [AddedToken(tok, normalized=False, special=kind != _USER_DEFINED)
-            for tok, kind in zip(tokens, types) if kind in (_CONTROL, _UNKNOWN, _USER_DEFINED)]
-
-
-def _gguf_byte_level_bpe(tokens: list[str], types: list[int], merges: list[str],
-                         pre: str | None) -> tokenizers.Tokenizer:
-    spelling = _byte_alphabet()
-    alphabet = set(spelling.values())
-    vocab: dict[str, int] = {}
-    for i, (tok, kind) in enumerate(zip(tokens, types)):
-        # Normal tokens should already be spelled in the byte alphabet; respell any that are not.
-        if kind == _NORMAL and not set(tok) <= alphabet:
-            tok = "".join(spelling[b] for b in tok.encode("utf-8"))
-        vocab.setdefault(tok, i)
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
-    if pre in _DIGITS_PRE:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    elif pre in _REGEX_PRE:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_REGEX_PRE[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        if pre not in _GPT2_PRE:
-            logger.warning("unknown GGUF tokenizer.ggml.pre %r: splitting text as GPT-2 does", pre)
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(_added_tokens(tokens, types))
-    return backend
-
-
-def _gguf_sentencepiece_bpe(tokens: list[str], types: list[int], scores: list[float] | None,
-                            merges: list[str] | None, add_prefix: bool) -> tokenizers.Tokenizer:
-    vocab: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)
-    if merges:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-    elif scores:
-        pairs = _derive_merges(tokens, scores, types)
-    else:
-        raise ValueError("GGUF sentencepiece vocabulary has neither tokenizer.ggml.merges nor tokenizer.ggml.scores")
-    unk = next((t for t, kind in zip(tokens, types) if kind == _UNKNOWN), None)
-    model = tokenizers.models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True)
-    backend = tokenizers.Tokenizer(model)
-    # Prepend + Replace (rather than Metaspace) adds the dummy prefix even before leading spaces, as sentencepiece does.
-    replace = normalizers.Replace(" ", _SPACE)
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), replace]) if add_prefix else replace
-    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if add_prefix else steps)
-    backend.add_special_tokens(_added_tokens(tokens, types))
-    return backend
