@@ -8,6 +8,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.malloc_tuning import keep_freed_memory_mapped
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampler import Sampler
@@ -35,6 +36,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cpu":
+            keep_freed_memory_mapped()
         loaded = load_model(config.model, config.dtype, device)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
