@@ -179,6 +179,7 @@ class Sampler:
     def __init__(self, eos_token_ids: set[int]):
         self.eos_token_ids = set(eos_token_ids)
 
+    @torch.inference_mode()  # the logits come from the model runner's inference mode and are changed in place
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         if not seqs:
             return SamplerOutput([], [])

@@ -110,3 +110,40 @@ def test_generation_stops_at_max_model_len(tiny_checkpoint):
 def test_max_model_len_beyond_kv_capacity_is_rejected(tiny_checkpoint):
     with pytest.raises(ValueError, match="KV cache capacity"):
         LLM(str(tiny_checkpoint("llama")), dtype="float32", num_kv_blocks=2, max_model_len=64)
+
+
+def test_seeded_request_gives_the_same_tokens_alone_and_in_a_mixed_batch(tiny_llm):
+    prompt = _prompts(1, seed=5)[0]
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = tiny_llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_k=5, seed=9, max_tokens=16, ignore_eos=True)]
+    batch = tiny_llm.generate(_prompts(3, seed=6) + [prompt], others + [seeded], use_tqdm=False)
+    assert batch[-1].outputs[0].token_ids == alone
+
+
+def test_stop_string_spanning_tokens_ends_generation_and_is_not_in_the_text(tiny_llm):
+    tok = tiny_llm.get_tokenizer()
+    prompt = _prompts(1, seed=7)[0]
+    free = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0]
+    # a stop string made of the end of token 5 and the start of token 6
+    left, right = tok.decode(free.token_ids[5:6]), tok.decode(free.token_ids[6:7])
+    assert left and right
+    stop = left[-1] + right[0]
+    cut = free.text.index(stop)
+    out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]),
+                            use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == free.text[:cut] and stop not in out.text
+    assert out.token_ids == free.token_ids[:len(out.token_ids)]
+
+
+def test_logprobs_come_back_for_every_generated_token(tiny_llm):
+    out = tiny_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert token in entry and 3 <= len(entry) <= 4
+        assert entry[token] == max(entry.values())  # greedy picks the most likely token
