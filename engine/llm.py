@@ -64,16 +64,19 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         results: dict[str, RequestOutput] = {}
+        generated: dict[str, int] = {}  # output tokens so far, per request
         bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
-        start, generated = time.perf_counter(), 0
+        start = time.perf_counter()
         try:
             while len(results) < len(ids):
                 for out in self.engine.step():
-                    generated += sum(1 for o in out.outputs if o.token_ids)  # one new token per running sequence
+                    generated[out.request_id] = sum(len(o.token_ids) for o in out.outputs)
                     if out.finished:
                         results[out.request_id] = out
                         bar.update(1)
-                bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+                if use_tqdm:
+                    rate = sum(generated.values()) / (time.perf_counter() - start)
+                    bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
         except BaseException:
             for request_id in ids:
                 self.engine.abort_request(request_id)

@@ -78,3 +78,16 @@ def tiny_checkpoint(tmp_path_factory):
 def smollm_gguf() -> Path:
     from models.loading import resolve_model_path
     return resolve_model_path("default")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_gguf):
+    from models.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(smollm_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_tokenizer(smollm_gguf):
+    """transformers' tokenizer read from the same GGUF (slow: several seconds)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)

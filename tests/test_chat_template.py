@@ -1,12 +1,10 @@
 """models.chat_template: HF-compatible rendering, in a sandbox."""
 from datetime import datetime
-from pathlib import Path
 
 import jinja2
 import pytest
 
 from models.chat_template import compile_chat_template, render_chat_template
-from models.tokenizer import Tokenizer
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 USER = {"role": "user", "content": "What is 2+2?"}
@@ -22,33 +20,22 @@ CONVERSATIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def ours(smollm_gguf: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm_gguf)
-
-
-@pytest.fixture(scope="module")
-def hf_gguf(smollm_gguf: Path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
-def test_smollm2_template_renders_like_transformers(ours, hf_gguf, name, add_generation_prompt):
+def test_smollm2_template_renders_like_transformers(smollm_tokenizer, hf_smollm_tokenizer, name, add_generation_prompt):
     messages = CONVERSATIONS[name]
-    expected = hf_gguf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
-    assert render_chat_template(hf_gguf.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                bos_token=hf_gguf.bos_token, eos_token=hf_gguf.eos_token) == expected
+    expected = hf_smollm_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert smollm_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
+    assert render_chat_template(hf_smollm_tokenizer.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                bos_token=hf_smollm_tokenizer.bos_token, eos_token=hf_smollm_tokenizer.eos_token) == expected
 
 
-def test_smollm2_template_adds_default_system_prompt_and_generation_prompt(ours):
-    text = ours.apply_chat_template([USER])
+def test_smollm2_template_adds_default_system_prompt_and_generation_prompt(smollm_tokenizer):
+    text = smollm_tokenizer.apply_chat_template([USER])
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert text.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
-    assert not ours.apply_chat_template([USER], add_generation_prompt=False).endswith("assistant\n")
+    assert not smollm_tokenizer.apply_chat_template([USER], add_generation_prompt=False).endswith("assistant\n")
 
 
 def test_raise_exception_surfaces_as_value_error_with_the_template_message():

@@ -1,6 +1,5 @@
 """engine.detokenizer.IncrementalDetokenizer with the SmolLM2 byte-level BPE tokenizer."""
 import random
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -12,8 +11,8 @@ MIXED = "Héllo wörld! Ça va? 😀🎉 日本語のテキスト 👨\u200d👩
 
 
 @pytest.fixture(scope="module")
-def tok(smollm_gguf: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm_gguf)
+def tok(smollm_tokenizer):
+    return smollm_tokenizer
 
 
 @pytest.fixture(scope="module")

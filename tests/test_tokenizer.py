@@ -32,81 +32,70 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ours(smollm_gguf: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm_gguf)
-
-
-@pytest.fixture(scope="module")
-def hf_gguf(smollm_gguf: Path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
-
-
 # ---- SmolLM2 GGUF ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS)
-def test_gguf_ids_and_decode_match_transformers_gguf_tokenizer(ours, hf_gguf, text):
-    ids = ours.encode(text)
-    assert ids == hf_gguf.encode(text)
-    assert ours.encode(text, add_special_tokens=False) == hf_gguf.encode(text, add_special_tokens=False)
-    assert ours.decode(ids) == hf_gguf.decode(ids, skip_special_tokens=True)
-    assert ours.decode(ids, skip_special_tokens=False) == hf_gguf.decode(ids)
+def test_gguf_ids_and_decode_match_transformers_gguf_tokenizer(smollm_tokenizer, hf_smollm_tokenizer, text):
+    ids = smollm_tokenizer.encode(text)
+    assert ids == hf_smollm_tokenizer.encode(text)
+    assert smollm_tokenizer.encode(text, add_special_tokens=False) == hf_smollm_tokenizer.encode(text, add_special_tokens=False)
+    assert smollm_tokenizer.decode(ids) == hf_smollm_tokenizer.decode(ids, skip_special_tokens=True)
+    assert smollm_tokenizer.decode(ids, skip_special_tokens=False) == hf_smollm_tokenizer.decode(ids)
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_gguf_decode_round_trips_text(ours, text):
-    assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+def test_gguf_decode_round_trips_text(smollm_tokenizer, text):
+    assert smollm_tokenizer.decode(smollm_tokenizer.encode(text), skip_special_tokens=False) == text
 
 
-def test_gguf_special_tokens_are_single_ids_and_skipped_in_decode(ours):
-    ids = ours.encode("<|im_start|>user\nhi<|im_end|>")
+def test_gguf_special_tokens_are_single_ids_and_skipped_in_decode(smollm_tokenizer):
+    ids = smollm_tokenizer.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == 1 and ids[-1] == 2 and len(ids) == 5
-    assert ours.decode(ids) == "user\nhi"
+    assert smollm_tokenizer.decode(ids) == "user\nhi"
 
 
-def test_gguf_metadata_gives_special_tokens_flags_and_template(ours):
-    assert (ours.bos_token, ours.bos_token_id) == ("<|im_start|>", 1)
-    assert (ours.eos_token, ours.eos_token_id) == ("<|im_end|>", 2)
-    assert ours.eos_token_ids == {2}
-    assert ours.vocab_size == 49152
+def test_gguf_metadata_gives_special_tokens_flags_and_template(smollm_tokenizer):
+    assert (smollm_tokenizer.bos_token, smollm_tokenizer.bos_token_id) == ("<|im_start|>", 1)
+    assert (smollm_tokenizer.eos_token, smollm_tokenizer.eos_token_id) == ("<|im_end|>", 2)
+    assert smollm_tokenizer.eos_token_ids == {2}
+    assert smollm_tokenizer.vocab_size == 49152
     # tokenizer.ggml.add_bos_token is False in this file: no BOS is prepended
-    assert ours.add_bos_token is False
-    assert ours.encode("hi")[0] != ours.bos_token_id
-    assert ours.chat_template.startswith("{% for message in messages %}")
-    assert ours.id_to_token(1) == "<|im_start|>" and ours.convert_ids_to_tokens([216]) == ["Ġ"]
+    assert smollm_tokenizer.add_bos_token is False
+    assert smollm_tokenizer.encode("hi")[0] != smollm_tokenizer.bos_token_id
+    assert smollm_tokenizer.chat_template.startswith("{% for message in messages %}")
+    assert smollm_tokenizer.id_to_token(1) == "<|im_start|>" and smollm_tokenizer.convert_ids_to_tokens([216]) == ["Ġ"]
 
 
-def test_smollm_pretokenizer_isolates_digits_like_the_reference_tokenizer(ours):
+def test_smollm_pretokenizer_isolates_digits_like_the_reference_tokenizer(smollm_tokenizer):
     # The SmolLM2 tokenizer.json (and llama.cpp's "smollm" pre-tokenizer) split off each digit before the GPT-2
     # regex, so a run of spaces before a digit stays one token ("ĠĠ" = 256). transformers 5.23 does not map
     # "smollm" and uses the plain GPT-2 regex, which gives [216, 216, 33] here; we follow the model's tokenizer.
-    assert ours.convert_ids_to_tokens(ours.encode("  1")) == ["ĠĠ", "1"]
-    assert ours.encode("x  12") == [104, 256, 33, 34]
-    assert ours.encode("12345") == [33, 34, 35, 36, 37]
+    assert smollm_tokenizer.convert_ids_to_tokens(smollm_tokenizer.encode("  1")) == ["ĠĠ", "1"]
+    assert smollm_tokenizer.encode("x  12") == [104, 256, 33, 34]
+    assert smollm_tokenizer.encode("12345") == [33, 34, 35, 36, 37]
 
 
 @pytest.mark.slow
-def test_smollm_pretokenizer_matches_reference_layout_where_transformers_gguf_differs(ours, hf_gguf):
+def test_smollm_pretokenizer_matches_reference_layout_where_transformers_gguf_differs(smollm_tokenizer, hf_smollm_tokenizer):
     from tokenizers import Tokenizer as HFTokenizer, pre_tokenizers
-    reference = HFTokenizer.from_str(hf_gguf.backend_tokenizer.to_str())
+    reference = HFTokenizer.from_str(hf_smollm_tokenizer.backend_tokenizer.to_str())
     reference.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     for text in ["  1", "a\n\n1", "x = [1,  2]\n    return 0", " 3 4  5"]:
-        assert ours.encode(text) == reference.encode(text).ids
+        assert smollm_tokenizer.encode(text) == reference.encode(text).ids
 
 
 @pytest.mark.slow
-def test_from_dir_of_saved_transformers_tokenizer_matches_it(hf_gguf, tmp_path):
-    hf_gguf.save_pretrained(tmp_path)
+def test_from_dir_of_saved_transformers_tokenizer_matches_it(hf_smollm_tokenizer, tmp_path):
+    hf_smollm_tokenizer.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     tok = Tokenizer.from_dir(tmp_path)
     for text in TEXTS:
-        assert tok.encode(text) == hf_gguf.encode(text)
-        assert tok.decode(tok.encode(text)) == hf_gguf.decode(hf_gguf.encode(text), skip_special_tokens=True)
+        assert tok.encode(text) == hf_smollm_tokenizer.encode(text)
+        assert tok.decode(tok.encode(text)) == hf_smollm_tokenizer.decode(hf_smollm_tokenizer.encode(text), skip_special_tokens=True)
     assert tok.eos_token_ids == {0, 2}  # generation_config's ids also end generation
-    assert tok.chat_template == hf_gguf.chat_template
+    assert tok.chat_template == hf_smollm_tokenizer.chat_template
     assert (tok.bos_token_id, tok.eos_token_id, tok.add_bos_token, tok.vocab_size) == (1, 2, False, 49152)
 
 
