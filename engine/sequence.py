@@ -31,6 +31,7 @@ class Sequence:
     generator: torch.Generator | None = None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -1,18 +1,92 @@
-"""`tokenmill` command line."""
+"""`tokenmill serve | chat | generate`."""
 import argparse
+import logging
+import os
 import sys
 
-from engine import LLM, SamplingParams
+from engine import LLM, LLMEngine, SamplingParams
+from engine.config import EngineConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="default",
+                   help="a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype; auto = bf16 on CUDA and CPUs with fast bf16, else fp32")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's, capped by the KV cache)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together in one step")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache budget, bytes or a size such as 2GiB (default: 2GiB on CPU, 90%% of free on CUDA)")
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api import ServerSettings, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(engine=_engine_config(args), served_model_name=args.served_model_name or args.model,
+                              api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY") or None,
+                              max_queue=args.max_queue)
+    app = create_app(settings)
+    state = app.state.tokenmill
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.grace_period)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.draining = True  # /health and new requests answer 503 while running ones finish
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(config)
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return 1 if state.load_error else 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    engine = LLMEngine(_engine_config(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    history: list[dict] = []
+    print("tokenmill chat: type a message, or an empty line / Ctrl-D to quit.", file=sys.stderr)
+    for turn in range(10**9):
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        text = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        engine.add_request(f"chat-{turn}", text, params,
+                           prompt_token_ids=engine.tokenizer.encode(text, add_special_tokens=False))
+        shown = 0
+        answer = ""
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                answer = out.outputs[0].text
+                print(answer[shown:], end="", flush=True)
+                shown = len(answer)
+        print()
+        history.append({"role": "assistant", "content": answer})
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              kv_cache_memory=args.kv_cache_memory)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
     else:
-        outputs = llm.generate(args.prompts, params, use_tqdm=False)
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
     for out in outputs:
         completion = out.outputs[0]
         print(f"--- {len(out.prompt_token_ids)} prompt tokens, {len(completion.token_ids)} generated, "
@@ -22,25 +96,43 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference engine")
+    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference engine and server")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate completions offline for the given prompts")
-    gen.add_argument("prompts", nargs="+")
-    gen.add_argument("--model", default="default", help="HF directory, .gguf file or 'default' (SmolLM2-135M)")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY)")
+    serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get 429")
+    serve.add_argument("--grace-period", type=float, default=30.0,
+                       help="seconds running requests get to finish after SIGTERM / Ctrl-C")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    chat = sub.add_parser("chat", help="chat with a model in the terminal, streaming its answers")
+    _engine_args(chat)
+    chat.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
+    chat.add_argument("--temperature", type=float, default=0.7)
+
+    gen = sub.add_parser("generate", help="generate completions offline")
+    _engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--kv-cache-memory", default=None, help="bytes or a size such as 1GiB")
+
     args = parser.parse_args(argv)
     try:
-        return _generate(args)
+        return {"serve": _serve, "chat": _chat, "generate": _generate}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

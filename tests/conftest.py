@@ -91,3 +91,82 @@ def hf_smollm_tokenizer(smollm_gguf):
     """transformers' tokenizer read from the same GGUF (slow: several seconds)."""
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
+
+
+# ---- the real HTTP server -------------------------------------------------------------------------------------------
+
+API_KEY = "test-key"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """`tokenmill serve` in a subprocess on 127.0.0.1 and a free port."""
+
+    def __init__(self, *args: str, api_key: str | None = API_KEY, startup_timeout: float = 180.0):
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "server.cli", "serve", *args, "--port", str(self.port), "--log-level", "warning"]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tokenmill-server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy: {self.output()}")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The default SmolLM2 model served with an API key; shared by all server tests."""
+    running = RunningServer("default", "--served-model-name", "smollm2", "--max-model-len", "2048",
+                            "--kv-cache-memory", "512MiB")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_client(server):
+    import openai
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.api_key, max_retries=0, timeout=120)

@@ -3,14 +3,14 @@ from server.cli import main
 
 
 def test_generate_prints_the_completion(tiny_checkpoint, capsys):
-    code = main(["generate", "--model", str(tiny_checkpoint("qwen2")), "--dtype", "float32", "--max-tokens", "5",
-                 "--kv-cache-memory", "4MiB", "--chat", "hello there"])
+    code = main(["generate", str(tiny_checkpoint("qwen2")), "--dtype", "float32", "--max-tokens", "5",
+                 "--kv-cache-memory", "4MiB", "--chat", "--prompt", "hello there"])
     out = capsys.readouterr().out
     assert code == 0
     assert "5 generated, finish_reason=length" in out or "finish_reason=stop" in out
 
 
 def test_missing_model_is_reported_with_exit_code_2(tmp_path, capsys):
-    code = main(["generate", "--model", str(tmp_path / "absent"), "hi"])
+    code = main(["generate", str(tmp_path / "absent"), "--prompt", "hi"])
     assert code == 2
     assert "not found" in capsys.readouterr().err

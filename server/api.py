@@ -1,0 +1,276 @@
+"""FastAPI app: OpenAI-style /v1/chat/completions and /v1/completions (with SSE streaming), /v1/models, /health,
+/metrics, /version. Routes stay thin: validate, tokenize, hand to the AsyncEngine, format its outputs."""
+import asyncio
+import json
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from engine import LLMEngine, RequestOutput
+from engine.config import EngineConfig
+from server import responses as fmt
+from server.async_engine import AsyncEngine
+from server.errors import APIError, BodySizeLimit, error_response, install_error_handlers
+from server.metrics import Metrics
+from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                             ErrorResponse, ModelCard, ModelList, random_id)
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
+
+
+@dataclass
+class ServerSettings:
+    engine: EngineConfig
+    served_model_name: str = "default"
+    api_key: str | None = None
+    max_queue: int = 1024  # waiting requests beyond this get 429
+    max_body_bytes: int = 4 * 2**20
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    metrics: Metrics
+    engine: AsyncEngine | None = None
+    draining: bool = False
+    load_error: str | None = None
+    on_load_failure: object = None  # callable run (in the loader thread) when the model cannot be loaded
+    loaded: threading.Event = field(default_factory=threading.Event)
+
+    def load(self) -> None:
+        try:
+            self.engine = AsyncEngine(LLMEngine(self.settings.engine), self.metrics)
+            self.engine.start()
+        except Exception as e:
+            logger.error("could not load model %r: %s", self.settings.engine.model, e)
+            self.load_error = str(e)
+            if callable(self.on_load_failure):
+                self.on_load_failure()
+        finally:
+            self.loaded.set()
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    state = ServerState(settings, Metrics(settings.served_model_name))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # load in the background so that /health can answer 503 while the weights are read
+        threading.Thread(target=state.load, name="tokenmill-loader", daemon=True).start()
+        yield
+        state.draining = True
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="tokenmill", version=_version(), lifespan=lifespan)
+    app.state.tokenmill = state
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+
+    def ready() -> AsyncEngine:
+        if state.engine is None or state.draining:
+            raise APIError(503, "the server is draining" if state.draining else "the model is still loading",
+                           code="unavailable")
+        return state.engine
+
+    def authorized(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), settings.api_key.encode()):
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != settings.served_model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{settings.served_model_name!r}", param="model", code="model_not_found")
+
+    def check_queue(engine: AsyncEngine) -> None:
+        if engine.num_waiting >= settings.max_queue:
+            raise APIError(429, f"too many requests waiting ({settings.max_queue}); retry later", code="queue_full")
+
+    @app.get("/health")
+    async def health():
+        if state.engine is not None and not state.draining:
+            return {"status": "ok"}
+        status = "draining" if state.draining else ("error" if state.load_error else "loading")
+        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+
+    @app.get("/version")
+    async def version_info():
+        return {"version": _version()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)], responses=_ERRORS)
+    async def models(engine: AsyncEngine = Depends(ready)):
+        return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=engine.engine.max_model_len)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS,
+              dependencies=[Depends(authorized)])
+    async def chat_completions(req: ChatCompletionRequest, engine: AsyncEngine = Depends(ready)):
+        check_model(req.model)
+        tok = engine.engine.tokenizer
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in req.messages]
+        text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                       **(req.chat_template_kwargs or {}))
+        ids = tok.encode(text, add_special_tokens=False)
+        max_tokens = _max_tokens(engine, len(ids), req.max_completion_tokens or req.max_tokens)
+        params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        check_queue(engine)
+        request_id = random_id("chatcmpl")
+        outputs = _merge([engine.generate(request_id, text, ids, params)])
+        first = await _first(outputs)  # errors from the engine surface here, before any byte is sent
+        reply = fmt.ChatFormatter(request_id, settings.served_model_name, tok, params.n, req.top_logprobs or 0)
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(reply.stream(_chain(first, outputs), usage))
+        return reply.response([out async for _, out in _chain(first, outputs)][-1])
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS,
+              dependencies=[Depends(authorized)])
+    async def completions(req: CompletionRequest, engine: AsyncEngine = Depends(ready)):
+        check_model(req.model)
+        tok = engine.engine.tokenizer
+        prompts = _completion_prompts(req.prompt, tok)
+        submitted = []
+        for text, ids in prompts:
+            max_tokens = _max_tokens(engine, len(ids), req.max_tokens)
+            submitted.append((text, ids, req.sampling_params(max_tokens, req.logprobs)))
+        check_queue(engine)
+        request_id = random_id("cmpl")
+        outputs = _merge([engine.generate(f"{request_id}-{i}", text, ids, params)
+                          for i, (text, ids, params) in enumerate(submitted)])
+        first = await _first(outputs)
+        reply = fmt.CompletionFormatter(request_id, settings.served_model_name, tok, req.n, len(prompts),
+                                        req.echo, req.logprobs)
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(reply.stream(_chain(first, outputs), usage))
+        final: dict[int, RequestOutput] = {}
+        async for i, out in _chain(first, outputs):
+            final[i] = out
+        return reply.response([final[i] for i in range(len(prompts))])
+
+    return app
+
+
+def _version() -> str:
+    try:
+        return version("tokenmill")
+    except PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def _max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None) -> int:
+    limit = engine.engine.max_model_len
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+    if requested is None:
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                                f"{prompt_len} tokens.", param="messages", code="context_length_exceeded")
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                            "completion). Please reduce the prompt or max_tokens.", param="max_tokens",
+                       code="context_length_exceeded")
+    return requested
+
+
+def _completion_prompts(prompt, tok) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) for each prompt of a completions request: a string, token ids, or a list of either."""
+    if isinstance(prompt, str):
+        return [(prompt, tok.encode(prompt))]
+    if prompt and isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = prompt
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    result = []
+    for p in prompts:
+        if isinstance(p, str):
+            result.append((p, tok.encode(p)))
+        else:
+            if any(t < 0 or t >= tok.vocab_size for t in p):
+                raise APIError(400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
+            result.append((None, list(p)))
+    return result
+
+
+async def _merge(generators: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as (prompt index, output); closing it aborts what is still running."""
+    merged: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in gen:
+                merged.put_nowait((i, out))
+        except Exception as e:
+            merged.put_nowait((i, e))
+        finally:
+            merged.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await merged.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()  # the generators' own cleanup aborts their requests
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _first(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> tuple[int, RequestOutput]:
+    try:
+        return await outputs.__anext__()
+    except ValueError as e:  # the engine rejected the request
+        await outputs.aclose()
+        raise APIError(400, str(e), code="invalid_value") from None
+
+
+async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
+    async def body():
+        try:
+            async for event in events:
+                data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+                yield f"data: {data}\n\n"
+        except Exception as e:  # after the headers are sent, an error can only travel as an event
+            logger.warning("stream failed: %s", e)
+            yield f"data: {json.dumps(json.loads(error_response(500, str(e)).body))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+__all__ = ["create_app", "ServerSettings"]

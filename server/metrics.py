@@ -1,0 +1,42 @@
+"""Prometheus metrics, named as vLLM names them (with our `tokenmill:` prefix) so dashboards carry over."""
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                    80.0, 160.0)
+
+
+class Metrics:
+    """One registry per server, so that several servers (tests) can live in one process."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        reg, labels = self.registry, ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"tokenmill:{name}", doc, labels, registry=reg).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:  # the client adds the _total suffix
+            return Counter(f"tokenmill:{name}", doc, labels, registry=reg).labels(model_name)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(f"tokenmill:{name}", doc, labels, buckets=_LATENCY_BUCKETS, registry=reg).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = all)")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.num_preemptions = counter("num_preemptions", "Sequences preempted (recomputed later)")
+        self._request_success = Counter("tokenmill:request_success", "Requests finished, by finish reason",
+                                        labels + ["finished_reason"], registry=reg)
+        self._model_name = model_name
+        self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token")
+        self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output steps")
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish")
+        self.request_queue_time = histogram("request_queue_time_seconds", "Time waiting before the first prefill")
+
+    def request_finished(self, reason: str) -> None:
+        self._request_success.labels(self._model_name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,174 @@
+"""Engine outputs -> OpenAI response bodies and SSE chunks, for chat and for (legacy) completions.
+
+Streams send what each step made final: the detokenizer's text only grows (stop strings are held back until
+they are ruled out), so the concatenated deltas always equal the non-streamed text.
+"""
+import time
+from collections.abc import AsyncIterator
+
+from engine import CompletionOutput, RequestOutput
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _Formatter:
+    object_name = ""
+
+    def __init__(self, request_id: str, model: str, tokenizer, num_logprobs: int):
+        self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
+        self.num_logprobs = num_logprobs
+        self.created = int(time.time())
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
+        return sorted(entry.items(), key=lambda kv: -kv[1])[:self.num_logprobs]
+
+    def _body(self, choices: list[dict], **extra) -> dict:
+        return {"id": self.request_id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+
+class ChatFormatter(_Formatter):
+    object_name = "chat.completion"
+
+    def __init__(self, request_id: str, model: str, tokenizer, n: int, top_logprobs: int):
+        super().__init__(request_id, model, tokenizer, top_logprobs)
+        self.n = n
+
+    def _logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None) -> dict | None:
+        if entries is None:
+            return None
+        content = []
+        for token_id, entry in zip(token_ids, entries):
+            text = self._token(token_id)
+            top = [{"token": (t := self._token(i)), "logprob": lp, "bytes": list(t.encode())}
+                   for i, lp in self._top(entry)]
+            content.append({"token": text, "logprob": entry[token_id], "bytes": list(text.encode()),
+                            "top_logprobs": top})
+        return {"content": content}
+
+    def response(self, out: RequestOutput) -> dict:
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                    "logprobs": self._logprobs(o.token_ids, o.logprobs), "finish_reason": o.finish_reason}
+                   for o in out.outputs]
+        completion = sum(len(o.token_ids) for o in out.outputs)
+        return self._body(choices, usage=_usage(len(out.prompt_token_ids), completion))
+
+    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool):
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(choice: dict) -> dict:
+            body = self._body([choice], **extra)
+            body["object"] = "chat.completion.chunk"
+            return body
+
+        for i in range(self.n):
+            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None})
+        progress = _Progress(self.n)
+        last = None
+        async for _, out in outputs:
+            last = out
+            for o in out.outputs:
+                new = progress.advance(o)
+                if new is None:
+                    continue
+                delta, token_ids, entries = new
+                yield chunk({"index": o.index, "delta": {"content": delta},
+                             "logprobs": self._logprobs(token_ids, entries), "finish_reason": o.finish_reason})
+        if include_usage and last is not None:
+            body = self._body([], usage=_usage(len(last.prompt_token_ids), sum(len(o.token_ids) for o in last.outputs)))
+            body["object"] = "chat.completion.chunk"
+            yield body
+
+
+class CompletionFormatter(_Formatter):
+    object_name = "text_completion"
+
+    def __init__(self, request_id: str, model: str, tokenizer, n: int, num_prompts: int, echo: bool,
+                 logprobs: int | None):
+        super().__init__(request_id, model, tokenizer, logprobs or 0)
+        self.n, self.num_prompts, self.echo, self.want_logprobs = n, num_prompts, echo, logprobs is not None
+
+    def _logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None, offset: int) -> dict | None:
+        if not self.want_logprobs or entries is None:
+            return None
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for token_id, entry in zip(token_ids, entries):
+            text = self._token(token_id)
+            tokens.append(text)
+            token_logprobs.append(entry[token_id])
+            top.append({self._token(i): lp for i, lp in self._top(entry)})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _prefix(self, out: RequestOutput) -> str:
+        if not self.echo:
+            return ""
+        return out.prompt if out.prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
+
+    def response(self, outs: list[RequestOutput]) -> dict:
+        choices = []
+        for p, out in enumerate(outs):
+            prefix = self._prefix(out)
+            for o in out.outputs:
+                choices.append({"index": p * self.n + o.index, "text": prefix + o.text,
+                                "logprobs": self._logprobs(o.token_ids, o.logprobs, len(prefix)),
+                                "finish_reason": o.finish_reason})
+        prompt_tokens = sum(len(out.prompt_token_ids) for out in outs)
+        completion = sum(len(o.token_ids) for out in outs for o in out.outputs)
+        return self._body(choices, usage=_usage(prompt_tokens, completion))
+
+    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool):
+        extra = {"usage": None} if include_usage else {}
+        progress = [_Progress(self.n) for _ in range(self.num_prompts)]
+        echo_len: dict[tuple[int, int], int] = {}  # per choice: length of the echoed prompt (sent first)
+        last: dict[int, RequestOutput] = {}
+        async for p, out in outputs:
+            last[p] = out
+            for o in out.outputs:
+                new = progress[p].advance(o)
+                if new is None:
+                    continue
+                delta, token_ids, entries = new
+                offset = echo_len.get((p, o.index), 0) + len(o.text) - len(delta)
+                if (p, o.index) not in echo_len:
+                    prefix = self._prefix(out)
+                    echo_len[(p, o.index)] = len(prefix)
+                    delta, offset = prefix + delta, offset + len(prefix)
+                yield self._body([{"index": p * self.n + o.index, "text": delta,
+                                   "logprobs": self._logprobs(token_ids, entries, offset),
+                                   "finish_reason": o.finish_reason}], **extra)
+        if include_usage:
+            prompt_tokens = sum(len(out.prompt_token_ids) for out in last.values())
+            completion = sum(len(o.token_ids) for out in last.values() for o in out.outputs)
+            yield self._body([], usage=_usage(prompt_tokens, completion))
+
+
+class _Progress:
+    """What each choice of one request has already been sent."""
+
+    def __init__(self, n: int):
+        self.text = [0] * n
+        self.tokens = [0] * n
+        self.done = [False] * n
+
+    def advance(self, o: CompletionOutput) -> tuple[str, list[int], list | None] | None:
+        """(new text, new token ids, their logprobs) since the last call, or None when there is nothing to send."""
+        i = o.index
+        if self.done[i]:
+            return None
+        delta = o.text[self.text[i]:]
+        token_ids = o.token_ids[self.tokens[i]:]
+        entries = o.logprobs[self.tokens[i]:] if o.logprobs is not None else None
+        self.text[i], self.tokens[i] = len(o.text), len(o.token_ids)
+        self.done[i] = o.finish_reason is not None
+        if not delta and not o.finish_reason and not (entries and token_ids):
+            return None
+        return delta, token_ids, entries
