@@ -107,9 +107,8 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class _Response(BaseModel):
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
+def _now() -> int:
+    return int(time.time())
 
 
 class TopLogprob(BaseModel):
@@ -138,9 +137,11 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletionResponse(_Response):
+class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -157,9 +158,11 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(_Response):
+class ChatCompletionChunk(BaseModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -178,9 +181,11 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
 
 
-class CompletionResponse(_Response):
+class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -188,7 +193,7 @@ class CompletionResponse(_Response):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = Field(default_factory=_now)
     owned_by: str = "tokenmill"
     max_model_len: int
 
