@@ -30,6 +30,7 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
+    error: str | None = None
 
 
 class LLMEngine:
@@ -158,32 +159,72 @@ class LLMEngine:
         return self.block_manager.usage
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns an output for each request that advanced (finished ones last time)."""
+        """Run one scheduled step; returns an output for each request that advanced (finished ones last time).
+
+        A request whose processing raises is finished with `error` set; the other requests go on."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        logits = self.runner.run(seqs, is_prefill)
-        sampled = self.sampler(logits, seqs)
         touched: dict[str, _Request] = {}
-        for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs):
+        for seq, token, logprobs in self._run_batch(seqs, is_prefill, touched):
             request = self.requests[seq.request_id]
-            seq.num_cached_tokens = seq.num_tokens
-            seq.output_token_ids.append(token)
-            if logprobs is not None:
-                seq.logprobs.append(logprobs)
-            detok = request.detokenizers[seq.index]
-            detok.add(token)
-            reason = self._finish_reason(seq, token, detok)
-            if reason is not None:
-                if detok.stop_reason is None:
-                    detok.flush()
-                self.scheduler.finish(seq, reason)
+            if request.error is not None:
+                continue
             touched[request.request_id] = request
+            try:
+                self._advance(request, seq, token, logprobs)
+            except Exception as e:
+                self._fail(request, e)
         outputs = [self._output(r) for r in touched.values()]
         for out in outputs:
             if out.finished:
                 del self.requests[out.request_id]
         return outputs
+
+    def _run_batch(self, seqs: list[Sequence], is_prefill: bool, touched: dict[str, "_Request"]) -> list[tuple]:
+        """(seq, token, logprobs) for each sequence. When the batch fails, each sequence is retried alone so that
+        only the requests that fail by themselves are lost (rerunning a step rewrites the same KV slots)."""
+        try:
+            sampled = self.sampler(self.runner.run(seqs, is_prefill), seqs)
+            return list(zip(seqs, sampled.token_ids, sampled.logprobs))
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(self.requests[seqs[0].request_id], e)
+                touched[seqs[0].request_id] = self.requests[seqs[0].request_id]
+                return []
+            logger.warning("a batch of %d sequences failed (%s); retrying them one by one", len(seqs), e)
+        results = []
+        for seq in seqs:
+            request = self.requests[seq.request_id]
+            if request.error is not None:
+                continue
+            try:
+                sampled = self.sampler(self.runner.run([seq], is_prefill), [seq])
+                results.append((seq, sampled.token_ids[0], sampled.logprobs[0]))
+            except Exception as e:
+                self._fail(request, e)
+                touched[request.request_id] = request
+        return results
+
+    def _advance(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:
+        seq.num_cached_tokens = seq.num_tokens
+        seq.output_token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        detok = request.detokenizers[seq.index]
+        detok.add(token)
+        reason = self._finish_reason(seq, token, detok)
+        if reason is not None:
+            if detok.stop_reason is None:
+                detok.flush()
+            self.scheduler.finish(seq, reason)
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        logger.error("request %s failed: %s: %s", request.request_id, type(error).__name__, error)
+        request.error = f"{type(error).__name__}: {error}"
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "error")
 
     def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
         params = seq.params
@@ -210,6 +251,7 @@ class LLMEngine:
                              prompt_token_ids=request.prompt_token_ids, outputs=outputs,
                              finished=all(seq.is_finished for seq in request.seqs),
                              num_preemptions=sum(seq.num_preemptions for seq in request.seqs),
+                             error=request.error,
                              arrival_time=request.seqs[0].arrival_time,
                              first_scheduled_time=min((s.first_scheduled_time for s in request.seqs
                                                        if s.first_scheduled_time is not None), default=None))

@@ -7,7 +7,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     logprobs: list[dict[int, float]] | None = None  # per generated token: token id -> logprob
 
@@ -26,3 +26,4 @@ class RequestOutput:
     num_preemptions: int = 0
     arrival_time: float = 0.0  # time.monotonic() when the request was added
     first_scheduled_time: float | None = None  # when its prefill first ran (queue time = this - arrival_time)
+    error: str | None = None  # set when serving this request raised; it is finished and its blocks are freed

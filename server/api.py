@@ -5,10 +5,11 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -18,13 +19,14 @@ from engine import LLMEngine, RequestOutput
 from engine.config import EngineConfig
 from server import responses as fmt
 from server.async_engine import AsyncEngine
-from server.errors import APIError, BodySizeLimit, error_response, install_error_handlers
+from server.errors import APIError, BodySizeLimit, ClientDisconnected, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                              ErrorResponse, ModelCard, ModelList, random_id)
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
 
 
@@ -121,7 +123,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS,
               dependencies=[Depends(authorized)])
-    async def chat_completions(req: ChatCompletionRequest, engine: AsyncEngine = Depends(ready)):
+    async def chat_completions(req: ChatCompletionRequest, request: Request, engine: AsyncEngine = Depends(ready)):
         check_model(req.model)
         tok = engine.engine.tokenizer
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
@@ -134,16 +136,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
         check_queue(engine)
         request_id = random_id("chatcmpl")
         outputs = _merge([engine.generate(request_id, text, ids, params)])
-        first = await _first(outputs)  # errors from the engine surface here, before any byte is sent
+        # errors from the engine surface here, before any byte is sent
+        first = await _unless_disconnected(request, _first(outputs))
         reply = fmt.ChatFormatter(request_id, settings.served_model_name, tok, params.n, req.top_logprobs or 0)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(reply.stream(_chain(first, outputs), usage))
-        return reply.response([out async for _, out in _chain(first, outputs)][-1])
+        final = await _unless_disconnected(request, _last(_chain(first, outputs)))
+        return reply.response(final[1])
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS,
               dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest, engine: AsyncEngine = Depends(ready)):
+    async def completions(req: CompletionRequest, request: Request, engine: AsyncEngine = Depends(ready)):
         check_model(req.model)
         tok = engine.engine.tokenizer
         prompts = _completion_prompts(req.prompt, tok)
@@ -155,15 +159,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         request_id = random_id("cmpl")
         outputs = _merge([engine.generate(f"{request_id}-{i}", text, ids, params)
                           for i, (text, ids, params) in enumerate(submitted)])
-        first = await _first(outputs)
+        first = await _unless_disconnected(request, _first(outputs))
         reply = fmt.CompletionFormatter(request_id, settings.served_model_name, tok, req.n, len(prompts),
                                         req.echo, req.logprobs)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(reply.stream(_chain(first, outputs), usage))
-        final: dict[int, RequestOutput] = {}
-        async for i, out in _chain(first, outputs):
-            final[i] = out
+        final = await _unless_disconnected(request, _last_per_prompt(_chain(first, outputs)))
         return reply.response([final[i] for i in range(len(prompts))])
 
     return app
@@ -251,6 +253,42 @@ async def _first(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> tuple[int
     except ValueError as e:  # the engine rejected the request
         await outputs.aclose()
         raise APIError(400, str(e), code="invalid_value") from None
+
+
+async def _last(outputs: AsyncIterator):
+    item = None
+    async for item in outputs:
+        pass
+    return item
+
+
+async def _last_per_prompt(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:
+    return {i: out async for i, out in outputs}
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, unless the client goes away first: then cancel it, which aborts its engine requests.
+
+    Streams notice a disconnect when a write fails; this covers the time before the first byte is sent."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnected()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":  # the body is already read: only this is left
+        pass
 
 
 async def _chain(first, rest: AsyncIterator) -> AsyncIterator:

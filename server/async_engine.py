@@ -147,9 +147,9 @@ class AsyncEngine:
         stream.last_output = now
         if out.finished:
             m.e2e_request_latency.observe(now - stream.arrival)
-            m.request_finished(out.outputs[0].finish_reason or "abort")
+            m.request_finished("error" if out.error else out.outputs[0].finish_reason or "abort")
             del self._streams[out.request_id]
-        stream.put(out)
+        stream.put(RequestFailed(f"the engine failed while serving this request: {out.error}") if out.error else out)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, stream in list(self._streams.items()):

@@ -43,6 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
         def handle_exit(self, sig, frame):
             state.draining = True  # /health and new requests answer 503 while running ones finish
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after shutting down; a drained shutdown should exit 0 instead
+            self._captured_signals.clear()
 
     server = DrainingServer(config)
     state.on_load_failure = lambda: setattr(server, "should_exit", True)

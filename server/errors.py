@@ -1,10 +1,13 @@
 """Every error becomes OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}; never a stack trace."""
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.async_engine import RequestFailed
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +21,10 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its requests are aborted."""
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | int | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
@@ -26,12 +33,25 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\]|function-.*|[A-Z]\w*)$")
+
+
+def _param_path(loc) -> str:
+    """("body", "messages", 0, "content", "str") -> "messages[0].content": union members' tags dropped."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _UNION_TAG.match(part):
+            path += f".{part}" if path else part
+    return path
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    param = ".".join(loc) or None
+    param = _param_path(first.get("loc", ())) or None
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
 
 
@@ -53,6 +73,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValueError)
     async def _value(request: Request, exc: ValueError):
         return error_response(400, str(exc), code="invalid_value")
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected):
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(RequestFailed)
+    async def _failed(request: Request, exc: RequestFailed):
+        return error_response(500, str(exc), code="request_failed")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -16,7 +16,7 @@ def random_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "10" is not an int, "true" not a bool
 
 
 class StreamOptions(_Request):

@@ -159,3 +159,41 @@ def test_half_precision_dtypes_generate_close_to_float32(tiny_checkpoint, tiny_l
     outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     # rounding may flip a near-tie late in a sequence, but the first tokens must agree
     assert [o[:2] for o in outputs] == [r[:2] for r in reference]
+
+
+def _run_to_end(engine) -> dict:
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+@pytest.mark.parametrize("where", ["model", "detokenizer"])
+def test_a_request_that_raises_fails_alone(tiny_llm, monkeypatch, where):
+    engine = tiny_llm.engine
+    prompts = _prompts(4, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in tiny_llm.generate(prompts, params, use_tqdm=False)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    if where == "model":  # any batch holding r2 fails, as a bad input to a kernel would
+        real_run = engine.runner.run
+
+        def run(seqs, is_prefill):
+            if any(s.request_id == "r2" for s in seqs):
+                raise RuntimeError("boom in the model")
+            return real_run(seqs, is_prefill)
+        monkeypatch.setattr(engine.runner, "run", run)
+    else:
+        def add(token):
+            raise UnicodeError("boom in the detokenizer")
+        monkeypatch.setattr(engine.requests["r2"].detokenizers[0], "add", add)
+    final = _run_to_end(engine)
+    assert final["r2"].error and "boom" in final["r2"].error and final["r2"].outputs[0].finish_reason == "error"
+    for i in (0, 1, 3):
+        assert final[f"r{i}"].error is None and final[f"r{i}"].outputs[0].token_ids == expected[i]
+    assert _all_blocks_free(tiny_llm)
+    monkeypatch.undo()
+    assert tiny_llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids == expected[0]
