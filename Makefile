@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install serve test test-fast bench llama-server clean
 
 install: $(STAMP)
 
@@ -31,5 +31,19 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/offline_throughput.py
 
+# llama.cpp's C++ server, the strongest CPU baseline, built from the source inside the llama-cpp-python sdist
+# (~7 minutes on 2 cores). benchmarks/serve_bench.py --llama-server .build/llama-server uses it.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_SRC := .build/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+llama-server: .build/llama-server
+.build/llama-server: | $(STAMP)
+	mkdir -p .build
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d .build/sdist
+	tar -xzf .build/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C .build
+	cmake -S $(LLAMA_SRC) -B .build/llama.cpp -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON \
+		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+	cmake --build .build/llama.cpp --target llama-server
+	cp .build/llama.cpp/bin/llama-server $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build .build *.egg-info
