@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: install serve test test-fast bench llama-server clean
+.PHONY: install serve test test-fast bench bench-offline llama-server clean
 
 install: $(STAMP)
 
@@ -28,8 +28,16 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
+# Serving benchmark: tokenmill vs transformers (and llama.cpp's llama-server once `make llama-server` has built
+# it) at 1, 8 and 32 concurrent streams; writes benchmarks/results/cpu.{md,json,png}. ~6 minutes on 2 cores.
+comma := ,
+BENCH_SYSTEMS := tokenmill,transformers$(if $(wildcard .build/llama-server),$(comma)llama-server)
 bench: install
-	$(PY) benchmarks/offline_throughput.py
+	$(PY) benchmarks/serve_bench.py --systems $(BENCH_SYSTEMS) --llama-server .build/llama-server \
+		--sweep 1,8,32 --name cpu
+
+bench-offline: install
+	$(PY) benchmarks/offline_throughput.py --sweep 1,8,32
 
 # llama.cpp's C++ server, the strongest CPU baseline, built from the source inside the llama-cpp-python sdist
 # (~7 minutes on 2 cores). benchmarks/serve_bench.py --llama-server .build/llama-server uses it.

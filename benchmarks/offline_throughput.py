@@ -5,6 +5,9 @@ systems produce exactly the requested number of tokens). transformers runs the r
 fixed batches: left-padded prompts, and every batch decodes until its longest request is done.
 
     .venv/bin/python benchmarks/offline_throughput.py [--model default] [--dtype auto] [--num-requests 64]
+    .venv/bin/python benchmarks/offline_throughput.py --sweep 1,8,32   # batch limits; plots tok/s against them
+
+With --sweep, each value caps tokenmill's running sequences (max_num_seqs) and sets transformers' batch size.
 """
 import argparse
 import datetime
@@ -39,7 +42,7 @@ def workload(tokenizer, n: int, prompt_range: tuple[int, int], output_range: tup
 
 
 def run_tokenmill(args, requests) -> tuple[float, int]:
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
     llm.generate([requests[0][0]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in requests]
     start = time.perf_counter()
@@ -76,6 +79,23 @@ def run_transformers(args, requests) -> tuple[float, int]:
     return elapsed, generated
 
 
+def plot_sweep(points: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, values in points.items():
+        ax.plot([v[0] for v in values], [v[1] for v in values], marker="o", label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch limit (sequences)")
+    ax.set_ylabel("output tokens/s")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -86,6 +106,8 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", help="comma-separated batch limits (tokenmill max_num_seqs = transformers "
+                                        "batch size), e.g. 1,8,32; writes a PNG next to --out")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "offline_cpu.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,13 +115,21 @@ def main() -> None:
     requests = workload(load_tokenizer(args.model), args.num_requests, args.prompt_len, args.output_len, args.seed)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
 
-    rows = []
-    for name, fn in (("tokenmill (continuous batching)", run_tokenmill),
-                     (f"transformers (static batches of {args.hf_batch_size})", run_transformers)):
-        elapsed, tokens = fn(args, requests)
-        rows.append((name, tokens, elapsed, tokens / elapsed))
-        print(f"{name}: {tokens} output tokens in {elapsed:.1f} s = {tokens / elapsed:.1f} tok/s", flush=True)
-    ratio = rows[0][3] / rows[1][3]
+    limits = [int(v) for v in args.sweep.split(",")] if args.sweep else [None]
+    rows, points = [], {"tokenmill": [], "transformers": []}
+    for limit in limits:
+        args.max_num_seqs = limit or 256
+        if limit:
+            args.hf_batch_size = limit
+        for system, name, fn in (
+                ("tokenmill", f"tokenmill (continuous batching, {args.max_num_seqs} seqs)", run_tokenmill),
+                ("transformers", f"transformers (static batches of {args.hf_batch_size})", run_transformers)):
+            elapsed, tokens = fn(args, requests)
+            rows.append((name, tokens, elapsed, tokens / elapsed))
+            points[system].append((limit, tokens / elapsed))
+            print(f"{name}: {tokens} output tokens in {elapsed:.1f} s = {tokens / elapsed:.1f} tok/s", flush=True)
+    ratios = [rows[i][3] / rows[i + 1][3] for i in range(0, len(rows), 2)]
+    ratio_text = ", ".join(f"{r:.2f}x" + (f" at {lim}" if lim else "") for r, lim in zip(ratios, limits))
 
     prompt_tokens = sum(len(p) for p, _ in requests)
     lines = [
@@ -115,12 +145,16 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| {n} | {t} | {e:.1f} | {r:.1f} |" for n, t, e, r in rows],
         "",
-        f"**tokenmill / transformers = {ratio:.2f}x**",
+        f"**tokenmill / transformers = {ratio_text}**",
         "",
         "Command: `.venv/bin/python benchmarks/offline_throughput.py " + " ".join(sys.argv[1:]) + "`",
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        png = Path(args.out).with_suffix(".png")
+        plot_sweep(points, png)
+        lines[-2:-2] = [f"![tok/s vs batch limit]({png.name})", ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 
