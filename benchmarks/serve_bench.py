@@ -140,10 +140,14 @@ def _commit() -> str:
 
 def report(args, summaries: list[Summary], workload: Workload, png: Path | None) -> str:
     import torch
+
+    from models.loading import resolve_dtype
+    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
     lines = [f"# Serving benchmark: {args.name}", "",
              f"{datetime.datetime.now():%Y-%m-%d %H:%M} · {platform.processor() or platform.machine()} · "
              f"{os.cpu_count()} cores · torch {torch.__version__} · commit {_commit()}", "",
-             f"Model `{args.model}`, dtype {args.dtype}. Workload: {workload.description}; "
+             f"Model `{args.model}`, dtype {dtype} (tokenmill, transformers; llama.cpp runs the GGUF's own "
+             f"quantisation). Workload: {workload.description}; "
              f"{'Poisson arrivals at %g req/s' % args.request_rate if args.request_rate else 'fixed concurrency'}"
              f" (requests per point: {', '.join(str(num_prompts(args, c)) for c in loads_of(args))}).", "",
              markdown_table(summaries), ""]
