@@ -14,7 +14,7 @@ from benchmarks.bench_client import BenchRequest, run_load
 from benchmarks.bench_stats import summarize
 
 # a prompt "ttft,itl,mode" asks the fake server for those delays (seconds)
-TOLERANCE = 0.04  # scheduling noise on a busy 2-core machine
+TOLERANCE = 0.06  # scheduling noise on a busy 2-core machine
 
 
 def fake_app() -> FastAPI:
