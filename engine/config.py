@@ -27,6 +27,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None      # fixes the pool size outright (tests, small machines)
     block_size: int = 16
     seed: int = 0                         # seeds the draws of requests that give no seed of their own
+    attention_backend: str = "auto"       # kernels: "triton" on CUDA, "torch" elsewhere, or forced
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size"):

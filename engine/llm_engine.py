@@ -15,6 +15,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from kernels import get_backend
 from models.loading import load_model
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class LLMEngine:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cpu":
             keep_freed_memory_mapped()
+        backend = get_backend(config.attention_backend, device)  # before loading: a bad choice fails fast
         loaded = load_model(config.model, config.dtype, device)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -53,7 +55,8 @@ class LLMEngine:
                              "until chunked prefill exists")
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device, backend)
+        logger.info("kernels: %s", backend.name)
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = count()

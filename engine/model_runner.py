@@ -4,7 +4,7 @@ import logging
 import torch
 
 from engine.sequence import Sequence
-from kernels import AttentionMetadata
+from kernels import TORCH, AttentionMetadata, Backend
 from models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -12,8 +12,9 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, backend: Backend = TORCH):
         self.model = model
+        self.backend = backend
         self.block_size = block_size
         self.device = device
         cfg = model.config
@@ -51,7 +52,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             is_prefill=True, slot_mapping=self._tensor(slots), block_tables=self._block_tables(seqs),
             context_lens=self._tensor(context_lens, torch.int32), cu_seqlens_q=cu_seqlens,
-            context_lens_list=context_lens)
+            context_lens_list=context_lens, backend=self.backend)
         last = self._tensor([c - 1 for c in cu_seqlens[1:]])
         return self._tensor(input_ids), self._tensor(positions), meta, last
 
@@ -61,7 +62,7 @@ class ModelRunner:
         slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
         meta = AttentionMetadata(
             is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._block_tables(seqs),
-            context_lens=self._tensor([p + 1 for p in positions], torch.int32))
+            context_lens=self._tensor([p + 1 for p in positions], torch.int32), backend=self.backend)
         return self._tensor([seq.last_token_id for seq in seqs]), self._tensor(positions), meta, None
 
     @torch.inference_mode()

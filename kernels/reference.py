@@ -9,7 +9,11 @@ import torch.nn.functional as F
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Write k, v [num_tokens, num_kv_heads, head_dim] into the cache slots named by slot_mapping."""
+    """Write k, v [num_tokens, num_kv_heads, head_dim] into the cache slots named by slot_mapping; a slot < 0
+    (a padding token) writes nothing."""
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
@@ -68,3 +72,38 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     mask = (torch.arange(max_len, device=q.device) < context_lens.unsqueeze(1)).view(batch, 1, 1, max_len)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return o.reshape(batch, num_heads, head_dim)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim. With `residual`: first residual = x + residual, then normalise that, and return
+    (normalised, new residual), the pre-norm residual stream of a decoder layer."""
+    if residual is not None:
+        residual = x + residual
+        return F.rms_norm(residual, weight.shape, weight, eps=eps), residual
+    # one fused op that accumulates in float32
+    return F.rms_norm(x, weight.shape, weight, eps=eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: x [..., 2 * d] holds gate then up; returns silu(gate) * up [..., d]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [n, heads, d] and k [n, kv_heads, d] with cos, sin [n, d / 2].
+
+    neox layout (interleaved=False, Llama/Qwen in HF): dims i and i + d/2 form a pair; gpt-j layout
+    (interleaved=True): dims 2i and 2i + 1. Returns new tensors (the Triton version rotates in place)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        if interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    return rotate(q), rotate(k)

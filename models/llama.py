@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels import AttentionMetadata
+from kernels import AttentionMetadata, Backend
 from models.config import ModelConfig
 
 
@@ -21,10 +20,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused op (it accumulates in float32); bit-identical to transformers' formula in float32, and in
-        # bf16 it rounds once where transformers rounds twice
-        return F.rms_norm(x, self.weight.shape, self.weight, eps=self.eps)
+    def forward(self, x: torch.Tensor, ops: Backend, residual: torch.Tensor | None = None):
+        """With `residual`: (norm(x + residual), x + residual), the fused form of a pre-norm layer's add."""
+        # the torch path is one fused op that accumulates in float32: bit-identical to transformers' formula in
+        # float32, and in bf16 it rounds once where transformers rounds twice
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -59,13 +59,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [num_tokens, 1, head_dim / 2] for these positions, looked up once for all layers."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """cos, sin [num_tokens, head_dim / 2] for these positions, looked up once for all layers."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
 class Attention(nn.Module):
@@ -88,16 +83,17 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
+        ops = meta.backend
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            q, k = self.q_norm(q, ops), self.k_norm(k, ops)
+        q, k = ops.rotary(q, k, *rope)
+        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.is_prefill:
-            o = kernels.prefill_attention(q, k, v, meta.cu_seqlens_q, self.k_cache, self.v_cache,
-                                          meta.block_tables, meta.context_lens_list, self.scale)
+            o = ops.prefill_attention(q, k, v, meta.cu_seqlens_q, self.k_cache, self.v_cache, meta.block_tables,
+                                      meta.context_lens_list, self.scale)
         else:
-            o = kernels.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                         self.scale)
+            o = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                     self.scale)
         return self.o_proj(o.reshape(n, self.q_size))
 
 
@@ -107,9 +103,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: Backend) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -120,9 +115,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope, meta: AttentionMetadata):
+        """x is the last sublayer's output, residual the stream before it (None in the first layer)."""
+        ops = meta.backend
+        if residual is None:
+            x, residual = self.input_layernorm(x, ops), x
+        else:
+            x, residual = self.input_layernorm(x, ops, residual)
+        x = self.self_attn(x, rope, meta)
+        x, residual = self.post_attention_layernorm(x, ops, residual)
+        return self.mlp(x, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -142,9 +144,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, meta)
+        return self.norm(x, meta.backend, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

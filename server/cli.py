@@ -18,11 +18,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together in one step")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV cache budget, bytes or a size such as 2GiB (default: 2GiB on CPU, 90%% of free on CUDA)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="kernels for attention and fused ops: auto = Triton on CUDA, plain torch on CPU")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+                        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+                        attention_backend=args.attention_backend)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -82,7 +85,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_memory=args.kv_cache_memory)
+              kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:

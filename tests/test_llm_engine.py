@@ -197,3 +197,24 @@ def test_a_request_that_raises_fails_alone(tiny_llm, monkeypatch, where):
     assert _all_blocks_free(tiny_llm)
     monkeypatch.undo()
     assert tiny_llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids == expected[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_backend_gives_the_same_greedy_tokens(tiny_checkpoint, arch):
+    """The whole model on the Triton kernels (the interpreter on CPU) against the torch reference kernels."""
+    pytest.importorskip("triton")
+    prompts = _prompts(3, seed=11)
+    prompts = [p[:n] for p, n in zip(prompts, (5, 12, 19))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(str(tiny_checkpoint(arch)), dtype="float32", num_kv_blocks=16, max_model_len=64,
+                  attention_backend=backend)
+        assert llm.engine.runner.backend.name == backend
+        outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["triton"] == outputs["torch"]
+
+
+def test_unknown_attention_backend_is_rejected(tiny_checkpoint):
+    with pytest.raises(ValueError, match="attention_backend"):
+        LLM(str(tiny_checkpoint("llama")), attention_backend="cuda-magic")

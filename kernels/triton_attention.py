@@ -1,0 +1,227 @@
+"""Triton kernels for attention over the paged KV cache, with the signatures of kernels/reference.py.
+
+- store_kv: one program per new token copies its K and V rows into their cache slots (slot < 0: skipped).
+- decode_attention: split-KV. Program (sequence, KV head, split) runs an online softmax over one fixed-size slice
+  of the context for all the query heads that share that KV head (GQA without copying K/V), then a second kernel
+  merges the splits. The split *size* is fixed, so a sequence's result never depends on the rest of the batch.
+- prefill_attention: variable-length causal attention. Program (sequence, head, query tile) reads every key it
+  may see from the paged cache (the new tokens are stored first), so plain prefill, chunked prefill and a cached
+  prefix are the same case.
+Softmax statistics and accumulators are fp32. Under TRITON_INTERPRET=1 (CI, CPU tensors) tl.dot operands are cast
+to fp32, because the interpreter multiplies bf16 bit patterns wrongly (triton-lang/triton#11584).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DECODE_SPLIT = 256  # context tokens per decode partition
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.where(slot >= 0, ROW, 0)
+    tl.store(k_cache_ptr + slot * ROW + offs, tl.load(k_ptr + t * stride_k + offs, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + slot * ROW + offs, tl.load(v_ptr + t * stride_v + offs, mask=mask), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [n, heads, d] as a view whose token rows are contiguous (copied only when they are not)."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    if k.shape[0] == 0:
+        return
+    k, v = _rows(k), _rows(v)
+    row = k.shape[1] * k.shape[2]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2] * k_cache.shape[3] == row
+    _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), ROW=row,
+                                    BLOCK=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                         part_out_ptr, part_m_ptr, part_l_ptr, scale, num_heads, max_splits,
+                         stride_qb, stride_qh, stride_bt, stride_cb, stride_ct, stride_ch,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + b)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    start = s * SPLIT
+    end = tl.minimum(start + SPLIT, ctx)
+    for t0 in range(start, end, TILE):
+        t = t0 + tl.arange(0, TILE)
+        t_mask = t < end
+        page = tl.load(block_tables_ptr + b * stride_bt + t // PAGE, mask=t_mask, other=0).to(tl.int64)
+        offs = page * stride_cb + (t % PAGE) * stride_ct + kvh * stride_ch
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, TILE]
+        scores = tl.where(t_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    part = (b * num_heads + heads) * max_splits + s  # an empty split leaves m = -inf, l = 0
+    tl.store(part_m_ptr + part, m, mask=g_mask)
+    tl.store(part_l_ptr + part, l, mask=g_mask)
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_merge_kernel(part_out_ptr, part_m_ptr, part_l_ptr, context_lens_ptr, out_ptr, num_heads, max_splits,
+                         stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(context_lens_ptr + b)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < tl.cdiv(ctx, SPLIT)
+    d_mask = d < HEAD_DIM
+    part = (b * num_heads + h) * max_splits + s
+    m = tl.load(part_m_ptr + part, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=s_mask, other=0.0)
+    top = tl.max(m, axis=0)
+    w = tl.where(s_mask, tl.exp(m - top), 0.0)
+    total = tl.sum(l * w, axis=0)
+    total = tl.where(total > 0, total, 1.0)  # a sequence with no context gets zeros, not NaN
+    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                  other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / total
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    batch, num_heads, head_dim = q.shape
+    _, page, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q) if out is None else out
+    if batch == 0:
+        return out
+    q = q if q.stride(2) == 1 else q.contiguous()
+    # every split a block table could need: no device-to-host sync for the longest context
+    max_splits = triton.cdiv(block_tables.shape[1] * page, DECODE_SPLIT)
+    part_out = torch.empty(batch, num_heads, max_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(batch, num_heads, max_splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
+    tile = max(8, min(64, 8192 // (block_g * block_d)))  # keeps the [G, TILE, D] products in registers
+    _decode_split_kernel[(batch, num_kv_heads, max_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_m, part_l, scale, num_heads, max_splits,
+        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, TILE=tile,
+        SPLIT=DECODE_SPLIT)
+    _decode_merge_kernel[(batch, num_heads)](
+        part_out, part_m, part_l, context_lens, out, num_heads, max_splits, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max_splits), SPLIT=DECODE_SPLIT)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, context_lens_ptr, block_tables_ptr, scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_ct, stride_ch,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    n_q = tl.load(cu_q_ptr + b + 1) - q_start
+    ctx = tl.load(context_lens_ptr + b)
+    prefix = ctx - n_q  # tokens cached before this chunk
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    r_mask = rows < n_q
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    q_pos = prefix + rows
+    kvh = h // GROUP
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # causal: this tile's last row sees keys up to its own position; a tile past the chunk sees none
+    kv_end = tl.where(tile * BLOCK_M < n_q, tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M), 0)
+    for n0 in range(0, kv_end, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        t_mask = t < kv_end
+        page = tl.load(block_tables_ptr + b * stride_bt + t // PAGE, mask=t_mask, other=0).to(tl.int64)
+        offs = page * stride_cb + (t % PAGE) * stride_ct + kvh * stride_ch
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        # rows past the chunk sit at positions >= ctx, so they see every key and stay finite
+        scores = tl.where((t[None, :] <= q_pos[:, None]) & t_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]  # l = 0 only in rows past the chunk, which are not stored
+    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: list[int],
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: list[int], scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """k and v are unused: the new tokens are read back from the cache, where store_kv has put them."""
+    num_tokens, num_heads, head_dim = q.shape
+    out = torch.empty_like(q) if out is None else out
+    batch = len(context_lens)
+    if batch == 0 or num_tokens == 0:
+        return out
+    q = q if q.stride(2) == 1 else q.contiguous()
+    group = num_heads // k_cache.shape[2]
+    longest = max(cu_seqlens_q[i + 1] - cu_seqlens_q[i] for i in range(batch))
+    cu = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=q.device)
+    ctx = torch.tensor(context_lens, dtype=torch.int32, device=q.device)
+    dot_fp32 = _interpreting() or q.dtype == torch.float32
+    block_m = 16 if _interpreting() else 64
+    block_n = 16 if _interpreting() else 64
+    _prefill_kernel[(batch, num_heads, triton.cdiv(longest, block_m))](
+        q, k_cache, v_cache, out, cu, ctx, block_tables, scale, q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=dot_fp32)
+    return out
