@@ -22,7 +22,8 @@ class EngineConfig:
     device: str | None = None            # None: cuda when available, else cpu
     max_model_len: int | None = None      # None: the model's, capped by the KV cache capacity
     max_num_seqs: int = 256               # most sequences running at once
-    max_num_batched_tokens: int | None = None  # prefill token budget per step; None: max(8192, max_model_len)
+    max_num_batched_tokens: int | None = None  # prefill tokens per step (the chunk size); None: 512 CPU, 2048 CUDA
+    enable_prefix_caching: bool = True    # reuse the KV blocks of equal prompt prefixes
     kv_cache_memory: int | str | None = None   # bytes for the KV cache; None: 2 GiB on CPU, 90% of free on CUDA
     num_kv_blocks: int | None = None      # fixes the pool size outright (tests, small machines)
     block_size: int = 16

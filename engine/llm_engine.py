@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 _CPU_KV_BYTES = 2 * 2**30
 _CUDA_MEMORY_FRACTION = 0.9
+_CPU_CHUNK, _CUDA_CHUNK = 512, 2048  # default max_num_batched_tokens
 
 
 @dataclass
@@ -49,11 +50,10 @@ class LLMEngine:
         dtype = next(loaded.model.parameters()).dtype
         num_blocks = self._num_blocks(config, device, dtype)
         self.max_model_len = self._max_model_len(config, num_blocks)
-        budget = config.max_num_batched_tokens or max(8192, self.max_model_len)
-        if budget < self.max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_model_len ({self.max_model_len}) "
-                             "until chunked prefill exists")
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        # the prefill chunk size: small on CPU, where a 512-token chunk already keeps the cores busy and
+        # inter-token latency of the running streams stays within one chunk's time
+        budget = config.max_num_batched_tokens or (_CUDA_CHUNK if device.type == "cuda" else _CPU_CHUNK)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device, backend)
         logger.info("kernels: %s", backend.name)
@@ -151,7 +151,7 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        return len(self.scheduler.running) + len(self.scheduler.prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -188,8 +188,7 @@ class LLMEngine:
         """(seq, token, logprobs) for each sequence. When the batch fails, each sequence is retried alone so that
         only the requests that fail by themselves are lost (rerunning a step rewrites the same KV slots)."""
         try:
-            sampled = self.sampler(self.runner.run(seqs, is_prefill), seqs)
-            return list(zip(seqs, sampled.token_ids, sampled.logprobs))
+            return self._forward(seqs, is_prefill)
         except Exception as e:
             if len(seqs) == 1:
                 self._fail(self.requests[seqs[0].request_id], e)
@@ -202,15 +201,23 @@ class LLMEngine:
             if request.error is not None:
                 continue
             try:
-                sampled = self.sampler(self.runner.run([seq], is_prefill), [seq])
-                results.append((seq, sampled.token_ids[0], sampled.logprobs[0]))
+                results += self._forward([seq], is_prefill)
             except Exception as e:
                 self._fail(request, e)
                 touched[request.request_id] = request
         return results
 
+    def _forward(self, seqs: list[Sequence], is_prefill: bool) -> list[tuple]:
+        """Run the model on the step's tokens, sample for the sequences whose last token it computed (a prefill
+        chunk with more to come samples nothing), then commit the step to the scheduler."""
+        logits = self.runner.run(seqs, is_prefill)
+        rows = [i for i, seq in enumerate(seqs) if self.scheduler.will_sample(seq)]
+        ready = [seqs[i] for i in rows]
+        sampled = self.sampler(logits[rows] if len(rows) < len(seqs) else logits, ready) if ready else None
+        self.scheduler.commit(seqs)
+        return list(zip(ready, sampled.token_ids, sampled.logprobs)) if ready else []
+
     def _advance(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:
-        seq.num_cached_tokens = seq.num_tokens
         seq.output_token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)

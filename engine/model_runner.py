@@ -41,7 +41,8 @@ class ModelRunner:
         cu_seqlens = [0]
         context_lens = []
         for seq in seqs:
-            start, end = seq.num_cached_tokens, seq.num_tokens
+            start = seq.num_cached_tokens
+            end = start + seq.num_scheduled_tokens
             input_ids.extend(seq.all_token_ids[start:end])
             positions.extend(range(start, end))
             for i in range(start // bs, -(-end // bs)):  # one range per block, not per token

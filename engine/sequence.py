@@ -24,8 +24,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache keys of its computed full blocks
     num_cached_tokens: int = 0  # tokens whose K/V are already written to the cache
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_scheduled_tokens: int = 0  # tokens the current step computes (a prefill chunk, or 1 to decode)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[dict[int, float]] | None = None
     generator: torch.Generator | None = None

@@ -43,6 +43,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stop = threading.Event()
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
 
     def start(self) -> None:
@@ -166,3 +167,7 @@ class AsyncEngine:
         preemptions = self.engine.num_preemptions
         m.num_preemptions.inc(preemptions - self._preemptions_seen)
         self._preemptions_seen = preemptions
+        bm = self.engine.block_manager
+        m.prefix_cache_queries.inc(bm.prefix_queries - self._prefix_seen[0])
+        m.prefix_cache_hits.inc(bm.prefix_hits - self._prefix_seen[1])
+        self._prefix_seen = (bm.prefix_queries, bm.prefix_hits)

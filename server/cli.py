@@ -18,6 +18,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together in one step")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV cache budget, bytes or a size such as 2GiB (default: 2GiB on CPU, 90%% of free on CUDA)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prompt tokens per prefill step, the chunk size of long prompts (default: 512 on CPU, "
+                        "2048 on CUDA); smaller keeps running streams' inter-token latency lower")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of prompts that start alike")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"],
                    help="kernels for attention and fused ops: auto = Triton on CUDA, plain torch on CPU")
 
@@ -25,7 +30,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
-                        attention_backend=args.attention_backend)
+                        attention_backend=args.attention_backend,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -85,7 +92,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend)
+              kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:

@@ -27,6 +27,8 @@ class Metrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled")
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.num_preemptions = counter("num_preemptions", "Sequences preempted (recomputed later)")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self._request_success = Counter("tokenmill:request_success", "Requests finished, by finish reason",
                                         labels + ["finished_reason"], registry=reg)
         self._model_name = model_name

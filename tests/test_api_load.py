@@ -130,6 +130,20 @@ def test_clients_that_disconnect_are_aborted_and_free_their_blocks(server):
     assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]
 
 
+def test_a_shared_system_prompt_hits_the_prefix_cache(server):
+    system = {"role": "system", "content": "You are a helpful assistant who answers in full sentences. " * 12}
+    before = scrape(server)
+    for question in ("What is the capital of France?", "What is two plus two?"):
+        r = httpx.post(f"{server.base_url}/v1/chat/completions", headers=server.headers, timeout=60, json={
+            "model": MODEL, "messages": [system, {"role": "user", "content": question}], "max_tokens": 4})
+        assert r.status_code == 200
+    after = wait_until_idle(server)
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    assert delta(after, before, "prefix_cache_queries_total") >= 2 * prompt_tokens - 20
+    # the second request finds the system prompt's full blocks (at least 100 tokens of it)
+    assert delta(after, before, "prefix_cache_hits_total") >= 100
+
+
 @pytest.fixture
 def tiny_server(tiny_checkpoint):
     """A tiny random model that runs one sequence at a time and lets one more wait."""
