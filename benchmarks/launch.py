@@ -28,6 +28,7 @@ class ServerSpec:
     context: int = 1024             # tokens per sequence the server must hold
     threads: int = 0                # 0: all cores
     llama_server: str | None = None  # path to the llama-server binary
+    extra_args: tuple[str, ...] = ()  # more flags for tokenmill serve
 
 
 def _free_port() -> int:
@@ -50,7 +51,7 @@ def command(spec: ServerSpec, port: int) -> list[str]:
     if spec.system == "tokenmill":
         return [sys.executable, "-m", "server.cli", "serve", spec.model, "--port", str(port), "--dtype", spec.dtype,
                 "--max-num-seqs", str(max(spec.max_concurrency, 1)), "--max-model-len", str(spec.context),
-                "--served-model-name", "bench", "--log-level", "warning"]
+                "--served-model-name", "bench", "--log-level", "warning", *spec.extra_args]
     if spec.system == "transformers":
         return [sys.executable, str(ROOT / "benchmarks" / "hf_server.py"), spec.model, "--port", str(port),
                 "--dtype", spec.dtype, "--max-batch", str(spec.max_concurrency)]
