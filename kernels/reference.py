@@ -52,12 +52,36 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return out
 
 
+_DECODE_GROUP = 16  # sequences gathered together on the CPU
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence, q [batch, num_heads, head_dim], attending to its context_lens cached tokens.
 
     block_tables [batch, max_blocks] is padded with any valid block id; padding is masked by context_lens.
     """
+    batch = q.shape[0]
+    if batch <= _DECODE_GROUP or q.device.type != "cpu":
+        return _decode_padded(q, k_cache, v_cache, block_tables, context_lens, scale)
+    # Copying K/V out of the cache dominates large CPU batches, and padding every sequence to the longest context
+    # copies much that is masked away: gather groups of similar lengths, each up to its own longest (masked keys
+    # add zeros; only SDPA's own batch-shaped work split moves results, by float rounding).
+    page = k_cache.shape[1]
+    lens = context_lens.tolist()
+    order = sorted(range(batch), key=lens.__getitem__)
+    out = torch.empty_like(q)
+    for start in range(0, batch, _DECODE_GROUP):
+        rows = order[start:start + _DECODE_GROUP]
+        width = -(-max(lens[i] for i in rows) // page)
+        index = torch.tensor(rows, device=q.device)
+        out[index] = _decode_padded(q[index], k_cache, v_cache, block_tables[index, :width], context_lens[index],
+                                    scale)
+    return out
+
+
+def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads

@@ -1,6 +1,7 @@
 """Greedy outputs never change with how a request is served: 16 prompts with shared prefixes, run (a) one at a
 time, (b) all together, (c) with the prefix cache warm, (d) in tiny prefill chunks, (e) under a KV budget that
-forces preemption, (f) on the Triton kernels -- the same tokens every time, in float32 on CPU."""
+forces preemption, (f) on the Triton kernels, (g) as 32 sequences with n = 2 -- the same tokens every time, in
+float32 on CPU."""
 import pytest
 import torch
 
@@ -49,6 +50,11 @@ def test_greedy_tokens_identical_however_requests_are_served(tiny_checkpoint, ar
     assert tight.engine.num_preemptions > 0
     bm = tight.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+    # (g) 32 sequences at once (n = 2): CPU decode attention then gathers K/V in groups of similar lengths
+    two = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, n=2)
+    outs = cached.generate(prompts, two, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in outs] == [[a, a] for a in alone]
 
     pytest.importorskip("triton")  # (f) the Triton kernels (the interpreter on CPU), prefix cache and chunks on
     triton = _llm(model, attention_backend="triton", max_num_batched_tokens=24)
