@@ -6,7 +6,7 @@ model, one after another, and compare them on identical prompts and settings, wi
     .venv/bin/python benchmarks/serve_bench.py --systems tokenmill,transformers --sweep 1,8,32 --name cpu
     .venv/bin/python benchmarks/serve_bench.py --base-url http://127.0.0.1:8000 --model-name default -c 8
 
-Prompts are synthetic (slices of real text with exactly --input-len tokens, sent as token ids so every server
+Prompts are synthetic (seeded random ordinary tokens, exactly --input-len of them, sent as token ids so every server
 sees the same tokens; EOS ignored so each answer is --output-len tokens) or chat prompts from a JSONL file
 ({"messages": [...], "max_tokens": N} per line). Results go to benchmarks/results/NAME.{md,json,png}.
 """
@@ -42,7 +42,7 @@ def synthetic(model: str, count: int, input_len: int, output_len: int, seed: int
     pairs = workload(tokenizer, count, (input_len, input_len), (output_len, output_len), seed)
     requests = [BenchRequest(max_tokens=out, prompt=tokenizer.decode(ids) if as_text else ids,
                              prompt_tokens=len(ids)) for ids, out in pairs]
-    return Workload(requests, f"synthetic: {input_len} prompt tokens (slices of real text, each prompt different), "
+    return Workload(requests, f"synthetic: {input_len} prompt tokens (seeded random ordinary tokens, no shared prefixes), "
                               f"{output_len} output tokens, EOS ignored, greedy")
 
 
