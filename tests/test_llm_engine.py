@@ -218,3 +218,19 @@ def test_triton_backend_gives_the_same_greedy_tokens(tiny_checkpoint, arch):
 def test_unknown_attention_backend_is_rejected(tiny_checkpoint):
     with pytest.raises(ValueError, match="attention_backend"):
         LLM(str(tiny_checkpoint("llama")), attention_backend="cuda-magic")
+
+
+def test_abort_in_the_middle_of_a_chunked_prefill_frees_every_block(tiny_checkpoint):
+    llm = LLM(str(tiny_checkpoint("llama")), dtype="float32", num_kv_blocks=64, max_model_len=256,
+              max_num_batched_tokens=16)
+    engine = llm.engine
+    long_prompt, short_prompt = _prompts(2, seed=13)
+    engine.add_request("long", long_prompt * 4, SamplingParams(max_tokens=4))  # 40-160 tokens: several chunks
+    engine.add_request("short", short_prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()
+    assert engine.scheduler.prefilling  # a prompt is under way
+    engine.abort_request("long")
+    final = _run_to_end(engine)
+    assert set(final) == {"short"} and len(final["short"].outputs[0].token_ids) == 8
+    assert _all_blocks_free(llm)
+    assert engine.kv_cache_usage == 0
