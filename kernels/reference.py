@@ -70,10 +70,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     page = k_cache.shape[1]
     lens = context_lens.tolist()
     order = sorted(range(batch), key=lens.__getitem__)
+    groups = [order[i:i + _DECODE_GROUP] for i in range(0, batch, _DECODE_GROUP)]
+    widths = [-(-lens[g[-1]] // page) for g in groups]
+    if sum(w * len(g) for w, g in zip(widths, groups)) > 0.7 * batch * block_tables.shape[1]:
+        # lengths too alike for the saving to pay for the extra calls
+        return _decode_padded(q, k_cache, v_cache, block_tables, context_lens, scale)
     out = torch.empty_like(q)
-    for start in range(0, batch, _DECODE_GROUP):
-        rows = order[start:start + _DECODE_GROUP]
-        width = -(-max(lens[i] for i in rows) // page)
+    for rows, width in zip(groups, widths):
         index = torch.tensor(rows, device=q.device)
         out[index] = _decode_padded(q[index], k_cache, v_cache, block_tables[index, :width], context_lens[index],
                                     scale)
