@@ -13,6 +13,7 @@ from tokenizers import AddedToken, processors
 from models.chat_template import render_chat_template
 from models.gguf_loader import open_gguf
 from models.gguf_tokenizer import NORMAL, SPACE, byte_level_bpe, sentencepiece_bpe
+from models.tool_prompt import template_handles_tools, with_tools_in_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,10 @@ class Tokenizer:
             template = self.chat_templates["tool_use"]
         if not template:
             raise ValueError("this tokenizer has no chat template; pass chat_template=...")
+        uses_tools = tools or any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+                                  for m in messages)
+        if uses_tools and not template_handles_tools(template):
+            messages, tools = with_tools_in_prompt(messages, tools), None
         return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                     bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
 
