@@ -83,7 +83,9 @@ def bench_prefill(backend, device, dtype, lengths, heads, repeat) -> list[str]:
         tables = torch.arange(blocks, device=device, dtype=torch.int32).view(1, -1)
         q = torch.randn(n, num_heads, head_dim, device=device, dtype=dtype)
         k, v = k_cache.view(-1, kv_heads, head_dim)[:n], v_cache.view(-1, kv_heads, head_dim)[:n]
-        t = timed(lambda: backend.prefill_attention(q, k, v, [0, n], k_cache, v_cache, tables, [n], 0.1),
+        cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+        lens = torch.tensor([n], dtype=torch.int32, device=device)
+        t = timed(lambda: backend.prefill_attention(q, k, v, cu, k_cache, v_cache, tables, lens, 0.1, n),
                   device, repeat)
         qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)  # noqa: E731

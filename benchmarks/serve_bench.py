@@ -13,6 +13,7 @@ sees the same tokens; EOS ignored so each answer is --output-len tokens) or chat
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -35,15 +36,21 @@ class Workload:
     description: str
 
 
+@functools.cache
+def _tokenizer(model: str):
+    """Read once: reading a GGUF's vocabulary takes a second or two, and every point of a sweep needs it."""
+    from models.loading import load_tokenizer
+    return load_tokenizer(model)
+
+
 def synthetic(model: str, count: int, input_len: int, output_len: int, seed: int, as_text: bool) -> Workload:
     from benchmarks.offline_throughput import workload
-    from models.loading import load_tokenizer
-    tokenizer = load_tokenizer(model)
+    tokenizer = _tokenizer(model)
     pairs = workload(tokenizer, count, (input_len, input_len), (output_len, output_len), seed)
     requests = [BenchRequest(max_tokens=out, prompt=tokenizer.decode(ids) if as_text else ids,
                              prompt_tokens=len(ids)) for ids, out in pairs]
-    return Workload(requests, f"synthetic: {input_len} prompt tokens (seeded random ordinary tokens, no shared prefixes), "
-                              f"{output_len} output tokens, EOS ignored, greedy")
+    return Workload(requests, f"synthetic: {input_len} prompt tokens (seeded random ordinary tokens, no shared "
+                              f"prefixes), {output_len} output tokens, EOS ignored, greedy")
 
 
 def chat_jsonl(path: str, count: int, output_len: int) -> Workload:

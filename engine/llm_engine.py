@@ -177,7 +177,7 @@ class LLMEngine:
             try:
                 self._advance(request, seq, token, logprobs)
             except Exception as e:
-                self._fail(request, e)
+                self._fail(request, e, touched)
         outputs = [self._output(r) for r in touched.values()]
         for out in outputs:
             if out.finished:
@@ -191,20 +191,17 @@ class LLMEngine:
             return self._forward(seqs, is_prefill)
         except Exception as e:
             if len(seqs) == 1:
-                self._fail(self.requests[seqs[0].request_id], e)
-                touched[seqs[0].request_id] = self.requests[seqs[0].request_id]
+                self._fail(self.requests[seqs[0].request_id], e, touched)
                 return []
             logger.warning("a batch of %d sequences failed (%s); retrying them one by one", len(seqs), e)
         results = []
         for seq in seqs:
             request = self.requests[seq.request_id]
-            if request.error is not None:
-                continue
-            try:
-                results += self._forward([seq], is_prefill)
-            except Exception as e:
-                self._fail(request, e)
-                touched[request.request_id] = request
+            if request.error is None:
+                try:
+                    results += self._forward([seq], is_prefill)
+                except Exception as e:
+                    self._fail(request, e, touched)
         return results
 
     def _forward(self, seqs: list[Sequence], is_prefill: bool) -> list[tuple]:
@@ -229,8 +226,10 @@ class LLMEngine:
                 detok.flush()
             self.scheduler.finish(seq, reason)
 
-    def _fail(self, request: _Request, error: Exception) -> None:
+    def _fail(self, request: _Request, error: Exception, touched: dict[str, _Request]) -> None:
+        """Finish the request with `error` set; it is reported in this step's outputs."""
         logger.error("request %s failed: %s: %s", request.request_id, type(error).__name__, error)
+        touched[request.request_id] = request
         request.error = f"{type(error).__name__}: {error}"
         for seq in request.seqs:
             if not seq.is_finished:

@@ -52,8 +52,8 @@ class ModelRunner:
             context_lens.append(end)
         meta = AttentionMetadata(
             is_prefill=True, slot_mapping=self._tensor(slots), block_tables=self._block_tables(seqs),
-            context_lens=self._tensor(context_lens, torch.int32), cu_seqlens_q=cu_seqlens,
-            context_lens_list=context_lens, backend=self.backend)
+            context_lens=self._tensor(context_lens, torch.int32), cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
+            max_seqlen_q=max(seq.num_scheduled_tokens for seq in seqs), backend=self.backend)
         last = self._tensor([c - 1 for c in cu_seqlens[1:]])
         return self._tensor(input_ids), self._tensor(positions), meta, last
 

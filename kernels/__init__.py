@@ -62,8 +62,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor        # [num_tokens] cache slot of every new token
     block_tables: torch.Tensor        # [batch, max_blocks]
     context_lens: torch.Tensor        # [batch] tokens in context after this step
-    cu_seqlens_q: list[int] | None = None    # prefill only: row offsets of each sequence's new tokens
-    context_lens_list: list[int] | None = None  # prefill only: context_lens as Python ints
+    cu_seqlens_q: torch.Tensor | None = None  # prefill only: [batch + 1] row offsets of each sequence's new tokens
+    max_seqlen_q: int = 1                     # the most new tokens of one sequence in this step
     backend: Backend = field(default=TORCH)  # the kernels this step runs with
 
 

@@ -24,17 +24,20 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: list[int],
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      context_lens: list[int], scale: float) -> torch.Tensor:
+                      context_lens: torch.Tensor, scale: float, max_seqlen_q: int | None = None) -> torch.Tensor:
     """Causal attention for a flat batch of variable-length query chunks.
 
     q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim] are the new tokens (already
-    stored in the cache). Sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1] and has context_lens[i] tokens in
-    all; when that is more than its query rows, the earlier tokens are read from the cache (a cached prefix).
+    stored in the cache). cu_seqlens_q [batch + 1] and context_lens [batch] are int32 tensors: sequence i owns rows
+    cu_seqlens_q[i]:cu_seqlens_q[i+1] and has context_lens[i] tokens in all; when that is more than its query rows,
+    the earlier tokens are read from the cache (a cached prefix). max_seqlen_q (the longest chunk) is for kernels
+    that size their grid with it.
     """
     out = torch.empty_like(q)
-    for i, ctx in enumerate(context_lens):
+    cu_seqlens_q = cu_seqlens_q.tolist()
+    for i, ctx in enumerate(context_lens.tolist()):
         start, end = cu_seqlens_q[i], cu_seqlens_q[i + 1]
         n_q = end - start
         qi = q[start:end].transpose(0, 1).unsqueeze(0)

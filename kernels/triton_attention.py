@@ -202,26 +202,26 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, context_
              o.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: list[int],
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      context_lens: list[int], scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """k and v are unused: the new tokens are read back from the cache, where store_kv has put them."""
+                      context_lens: torch.Tensor, scale: float, max_seqlen_q: int | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """k and v are unused: the new tokens are read back from the cache, where store_kv has put them. Give
+    max_seqlen_q when it is known: working it out from cu_seqlens_q waits for the device."""
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
-    batch = len(context_lens)
+    batch = context_lens.shape[0]
     if batch == 0 or num_tokens == 0:
         return out
     q = q if q.stride(2) == 1 else q.contiguous()
     group = num_heads // k_cache.shape[2]
-    longest = max(cu_seqlens_q[i + 1] - cu_seqlens_q[i] for i in range(batch))
-    cu = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=q.device)
-    ctx = torch.tensor(context_lens, dtype=torch.int32, device=q.device)
+    longest = max_seqlen_q if max_seqlen_q is not None else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     dot_fp32 = _interpreting() or q.dtype == torch.float32
     block_m = 16 if _interpreting() else 64
     block_n = 16 if _interpreting() else 64
     _prefill_kernel[(batch, num_heads, triton.cdiv(longest, block_m))](
-        q, k_cache, v_cache, out, cu, ctx, block_tables, scale, q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale, q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=dot_fp32)
     return out

@@ -90,7 +90,7 @@ class Attention(nn.Module):
         ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.is_prefill:
             o = ops.prefill_attention(q, k, v, meta.cu_seqlens_q, self.k_cache, self.v_cache, meta.block_tables,
-                                      meta.context_lens_list, self.scale)
+                                      meta.context_lens, self.scale, meta.max_seqlen_q)
         else:
             o = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                                      self.scale)

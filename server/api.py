@@ -142,8 +142,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(reply.stream(_chain(first, outputs), usage))
-        final = await _unless_disconnected(request, _last(_chain(first, outputs)))
-        return reply.response(final[1])
+        final = await _unless_disconnected(request, _final_outputs(_chain(first, outputs)))
+        return reply.response(final[0])
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS,
               dependencies=[Depends(authorized)])
@@ -165,7 +165,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(reply.stream(_chain(first, outputs), usage))
-        final = await _unless_disconnected(request, _last_per_prompt(_chain(first, outputs)))
+        final = await _unless_disconnected(request, _final_outputs(_chain(first, outputs)))
         return reply.response([final[i] for i in range(len(prompts))])
 
     return app
@@ -255,14 +255,8 @@ async def _first(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> tuple[int
         raise APIError(400, str(e), code="invalid_value") from None
 
 
-async def _last(outputs: AsyncIterator):
-    item = None
-    async for item in outputs:
-        pass
-    return item
-
-
-async def _last_per_prompt(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:
+async def _final_outputs(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:
+    """Each prompt's last output (the finished one)."""
     return {i: out async for i, out in outputs}
 
 

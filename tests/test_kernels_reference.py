@@ -51,7 +51,8 @@ def test_prefill_of_several_sequences_with_and_without_cached_prefix_matches_nai
     cu = [0]
     for n, c in zip(lengths, cached):
         cu.append(cu[-1] + n - c)
-    out = prefill_attention(q, k, v, cu, k_cache, v_cache, torch.tensor(tables), lengths, D ** -0.5)
+    out = prefill_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), k_cache, v_cache, torch.tensor(tables),
+                            torch.tensor(lengths, dtype=torch.int32), D ** -0.5)
     for i, ((fq, fk, fv), c) in enumerate(zip(full, cached)):
         torch.testing.assert_close(out[cu[i]:cu[i + 1]], _naive(fq[c:], fk, fv, D ** -0.5), atol=1e-5, rtol=1e-5)
 

@@ -102,7 +102,8 @@ def test_prefill_attention_matches_reference(heads, dtype):
     k = torch.cat([_gather(k_cache, tables[i], c)[c - n:] for i, (n, c) in enumerate(chunks)])
     v = torch.cat([_gather(v_cache, tables[i], c)[c - n:] for i, (n, c) in enumerate(chunks)])
     scale = head_dim ** -0.5
-    lens = [c for _, c in chunks]
+    lens = torch.tensor([c for _, c in chunks], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
     want = reference.prefill_attention(q.float(), k.float(), v.float(), cu, k_cache.float(), v_cache.float(),
                                        tables, lens, scale)
     out = torch.full_like(q, float("nan"))
