@@ -1,5 +1,6 @@
 """LLM: the offline entry point, as vLLM users know it (generate, chat)."""
 import time
+from dataclasses import replace
 from itertools import count
 from typing import Any
 
@@ -8,7 +9,9 @@ from tqdm.auto import tqdm
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
+from models.tool_grammar import tool_call_structural_tag
+from models.tool_parser import parse_tool_calls
 
 Message = dict[str, Any]
 
@@ -35,23 +38,41 @@ class LLM:
     def chat(self, messages: list[Message] | list[list[Message]],
              params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             tool_choice: str | dict = "auto", parallel_tool_calls: bool = True,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Chat as the server does it: with `tools`, each output's tool calls are parsed into `tool_calls`;
+        tool_choice "required" or {"type": "function", "function": {"name": ...}} forces a valid call."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
+        if tool_choice == "none":
+            tools = None
         texts = [tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tools=tools,
                                          **(chat_template_kwargs or {})) for conv in conversations]
         # the template already holds the special tokens it wants: encode without adding BOS again
         prompts = [(text, tok.encode(text, add_special_tokens=False)) for text in texts]
-        return self._run(prompts, params, use_tqdm)
+        if tools and tool_choice != "auto":
+            named = None if tool_choice == "required" else tool_choice["function"]["name"]
+            forced = StructuredOutputsParams(structural_tag=tool_call_structural_tag(tools, named, parallel_tool_calls))
+            params = [replace(p, structured_outputs=forced) for p in self._params_list(params, len(prompts))]
+        outputs = self._run(prompts, params, use_tqdm)
+        if tools:
+            for out in outputs:
+                for o in out.outputs:
+                    o.tool_calls = parse_tool_calls(o.text)[1]
+        return outputs
 
-    def _run(self, prompts: list, params, use_tqdm: bool) -> list[RequestOutput]:
+    @staticmethod
+    def _params_list(params, count: int) -> list[SamplingParams]:
         if params is None:
             params = SamplingParams()
         if isinstance(params, list):
-            if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        else:
-            params = [params] * len(prompts)
+            if len(params) != count:
+                raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+            return params
+        return [params] * count
+
+    def _run(self, prompts: list, params, use_tqdm: bool) -> list[RequestOutput]:
+        params = self._params_list(params, len(prompts))
         ids = [f"offline-{next(self._request_ids)}" for _ in prompts]
         try:
             for request_id, prompt, p in zip(ids, prompts, params):

@@ -15,6 +15,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.structured_output import Grammars
 from kernels import get_backend
 from models.loading import load_model
 
@@ -57,7 +58,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device, backend)
         logger.info("kernels: %s", backend.name)
-        self.sampler = Sampler(self.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids, self.grammars)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = count()
         torch.manual_seed(config.seed)
@@ -123,9 +125,11 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which must leave room for at least one generated token")
         params.validate_vocab(self.vocab_size)
+        matchers = self.grammars.matchers(params.structured_outputs, params.n)
         seqs, detoks = [], []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params)
+            seq.grammar = matchers[index]
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop_list,
@@ -215,6 +219,8 @@ class LLMEngine:
         return list(zip(ready, sampled.token_ids, sampled.logprobs)) if ready else []
 
     def _advance(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:
+        if seq.grammar is not None and not seq.grammar.is_terminated() and not seq.grammar.accept_token(token):
+            raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
         seq.output_token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)

@@ -10,6 +10,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     logprobs: list[dict[int, float]] | None = None  # per generated token: token id -> logprob
+    tool_calls: list | None = None  # LLM.chat with tools: the models.tool_parser.ToolCall list parsed from text
 
     @property
     def finished(self) -> bool:

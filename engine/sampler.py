@@ -176,8 +176,9 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int]):
+    def __init__(self, eos_token_ids: set[int], grammars=None):
         self.eos_token_ids = set(eos_token_ids)
+        self.grammars = grammars  # engine.structured_output.Grammars, for requests with structured outputs
 
     @torch.inference_mode()  # the logits come from the model runner's inference mode and are changed in place
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -190,6 +191,8 @@ class Sampler:
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
 
+        if self.grammars is not None and any(s.grammar is not None for s in seqs):
+            self.grammars.mask(logits, [s.grammar for s in seqs])
         logits = process_logits(logits, seqs, self.eos_token_ids)
 
         greedy = [p.greedy for p in params]

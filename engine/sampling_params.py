@@ -1,7 +1,46 @@
 """Per-request sampling settings, named and validated as in vLLM / the OpenAI API."""
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 _MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's name): exactly one of a JSON schema, any JSON object, a regex,
+    a choice of strings, an EBNF grammar, or an xgrammar structural tag."""
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, name) is not None] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes exactly one of json, json_object, regex, choice, grammar, "
+                             f"structural_tag; got {given or 'none'}")
+        if self.choice is not None:
+            if not self.choice or any(not isinstance(c, str) or not c for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): what the compiled grammar depends on, for caching it."""
+        if self.json_object:
+            return "json_object", ""
+        for name in ("json", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None:
+                # no sort_keys: the schema's property order is the order the JSON is written in
+                return name, value if isinstance(value, str) else json.dumps(value)
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
 
 
 @dataclass
@@ -24,6 +63,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives returned with each sampled token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +105,8 @@ class SamplingParams:
                     raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
         if self.stop_token_ids and any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be token ids >= 0")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", "must be StructuredOutputsParams")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise bad("stop", "must be non-empty strings")

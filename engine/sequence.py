@@ -2,6 +2,7 @@
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ class Sequence:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[dict[int, float]] | None = None
     generator: torch.Generator | None = None
+    grammar: Any = None  # an xgrammar GrammarMatcher when the request constrains its output
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None

@@ -224,6 +224,24 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def grammar_vocab(self) -> tuple[list[str], str, bool]:
+        """What a grammar engine needs to know which text each token spells: (token strings by id, how they spell
+        bytes: "byte_level" (GPT-2 alphabet), "byte_fallback" (sentencepiece pieces with <0xNN> bytes) or "raw",
+        whether a leading space is added to the text). Special tokens other than EOS spell nothing: a
+        constrained answer must never contain them."""
+        special = self.special_token_ids - self.eos_token_ids
+        vocab = ["" if i in special else (self.id_to_token(i) or "") for i in range(self.vocab_size)]
+        if self._sp is not None:
+            return vocab, "byte_fallback", self._sp._strips_prefix
+        spec = json.loads(self._backend.to_str())
+        decoder = json.dumps(spec.get("decoder"))
+        if '"ByteLevel"' in decoder:
+            return vocab, "byte_level", False
+        if '"ByteFallback"' in decoder:
+            prepends = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
+            return vocab, "byte_fallback", SPACE in prepends
+        return vocab, "raw", False
+
     @property
     def special_token_ids(self) -> set[int]:
         if self._sp is not None:

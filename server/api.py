@@ -19,6 +19,7 @@ from engine import LLMEngine, RequestOutput
 from engine.config import EngineConfig
 from server import responses as fmt
 from server.async_engine import AsyncEngine
+from server.constraints import check_compiles, plan_chat, plan_completion
 from server.errors import APIError, BodySizeLimit, ClientDisconnected, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -126,19 +127,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request, engine: AsyncEngine = Depends(ready)):
         check_model(req.model)
         tok = engine.engine.tokenizer
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
-        text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+        plan = plan_chat(req)
+        text = tok.apply_chat_template([m.for_template() for m in req.messages], tools=plan.tools,
+                                       add_generation_prompt=req.add_generation_prompt,
                                        **(req.chat_template_kwargs or {}))
         ids = tok.encode(text, add_special_tokens=False)
         max_tokens = _max_tokens(engine, len(ids), req.max_completion_tokens or req.max_tokens)
-        params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, plan.constraint)
+        await check_compiles(engine.engine.grammars, plan)
         check_queue(engine)
         request_id = random_id("chatcmpl")
         outputs = _merge([engine.generate(request_id, text, ids, params)])
         # errors from the engine surface here, before any byte is sent
         first = await _unless_disconnected(request, _first(outputs))
-        reply = fmt.ChatFormatter(request_id, settings.served_model_name, tok, params.n, req.top_logprobs or 0)
+        reply = fmt.ChatFormatter(request_id, settings.served_model_name, tok, params.n, req.top_logprobs or 0,
+                                  plan.parse_tool_calls)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(reply.stream(_chain(first, outputs), usage))
@@ -151,10 +154,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         check_model(req.model)
         tok = engine.engine.tokenizer
         prompts = _completion_prompts(req.prompt, tok)
+        plan = plan_completion(req)
         submitted = []
         for text, ids in prompts:
             max_tokens = _max_tokens(engine, len(ids), req.max_tokens)
-            submitted.append((text, ids, req.sampling_params(max_tokens, req.logprobs)))
+            submitted.append((text, ids, req.sampling_params(max_tokens, req.logprobs, plan.constraint)))
+        await check_compiles(engine.engine.grammars, plan)
         check_queue(engine)
         request_id = random_id("cmpl")
         outputs = _merge([engine.generate(f"{request_id}-{i}", text, ids, params)

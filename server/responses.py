@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 from engine import CompletionOutput, RequestOutput
+from models.tool_parser import StreamingToolParser, parse_tool_calls
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -34,11 +35,13 @@ class _Formatter:
 
 
 class ChatFormatter(_Formatter):
+    """Chat bodies; with `parse_tools`, tool calls in the answer become `tool_calls` (streamed through the same
+    parser's incremental twin, so the streamed deltas add up to the non-streamed message)."""
     object_name = "chat.completion"
 
-    def __init__(self, request_id: str, model: str, tokenizer, n: int, top_logprobs: int):
+    def __init__(self, request_id: str, model: str, tokenizer, n: int, top_logprobs: int, parse_tools: bool = False):
         super().__init__(request_id, model, tokenizer, top_logprobs)
-        self.n = n
+        self.n, self.parse_tools = n, parse_tools
 
     def _logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None) -> dict | None:
         if entries is None:
@@ -52,25 +55,38 @@ class ChatFormatter(_Formatter):
                             "top_logprobs": top})
         return {"content": content}
 
+    def _message(self, o: CompletionOutput) -> tuple[dict, str | None]:
+        if not self.parse_tools:
+            return {"role": "assistant", "content": o.text}, o.finish_reason
+        content, calls = parse_tool_calls(o.text)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        return message, _finish_reason(o.finish_reason, bool(calls))
+
     def response(self, out: RequestOutput) -> dict:
-        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": self._logprobs(o.token_ids, o.logprobs), "finish_reason": o.finish_reason}
-                   for o in out.outputs]
+        choices = []
+        for o in out.outputs:
+            message, finish_reason = self._message(o)
+            choices.append({"index": o.index, "message": message,
+                            "logprobs": self._logprobs(o.token_ids, o.logprobs), "finish_reason": finish_reason})
         completion = sum(len(o.token_ids) for o in out.outputs)
         return self._body(choices, usage=_usage(len(out.prompt_token_ids), completion))
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool):
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(choice: dict) -> dict:
-            body = self._body([choice], **extra)
+        def chunk(index: int, delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
+            body = self._body([{"index": index, "delta": delta, "logprobs": logprobs,
+                                "finish_reason": finish_reason}], **extra)
             body["object"] = "chat.completion.chunk"
             return body
 
         for i in range(self.n):
-            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
+            yield chunk(i, {"role": "assistant", "content": ""}, None, None)
         progress = _Progress(self.n)
+        tools = [_ToolStream() for _ in range(self.n)] if self.parse_tools else None
         last = None
         async for _, out in outputs:
             last = out
@@ -79,12 +95,51 @@ class ChatFormatter(_Formatter):
                 if new is None:
                     continue
                 delta, token_ids, entries = new
-                yield chunk({"index": o.index, "delta": {"content": delta},
-                             "logprobs": self._logprobs(token_ids, entries), "finish_reason": o.finish_reason})
+                logprobs = self._logprobs(token_ids, entries)
+                if tools is None:
+                    yield chunk(o.index, {"content": delta}, logprobs, o.finish_reason)
+                    continue
+                for delta, logprobs, finish_reason in tools[o.index].advance(delta, logprobs, o.finish_reason):
+                    yield chunk(o.index, delta, logprobs, finish_reason)
         if include_usage and last is not None:
             body = self._body([], usage=_usage(len(last.prompt_token_ids), sum(len(o.token_ids) for o in last.outputs)))
             body["object"] = "chat.completion.chunk"
             yield body
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+class _ToolStream:
+    """One choice's text deltas -> chat deltas with content and tool calls. A call goes out as OpenAI streams
+    it: a first delta with id, type and name (arguments ""), then its arguments; it is sent once the parser
+    knows it is a call, i.e. when its closing tag arrives. Logprobs wait for the next delta that is sent."""
+
+    def __init__(self):
+        self.parser = StreamingToolParser()
+        self.called = False
+        self.logprobs: dict | None = None
+
+    def advance(self, text: str, logprobs: dict | None, finish_reason: str | None):
+        if logprobs is not None:
+            self.logprobs = logprobs if self.logprobs is None else {
+                "content": self.logprobs["content"] + logprobs["content"]}
+        pieces = self.parser.feed(text) + (self.parser.finish() if finish_reason else [])
+        deltas = []
+        for piece in pieces:
+            if piece.tool_index is None:
+                deltas.append({"content": piece.content})
+                continue
+            self.called = True
+            deltas.append({"tool_calls": [{"index": piece.tool_index, "id": piece.id, "type": "function",
+                                           "function": {"name": piece.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": piece.tool_index, "function": {"arguments": piece.arguments}}]})
+        if finish_reason and not deltas:
+            deltas.append({})
+        for k, delta in enumerate(deltas):
+            logprobs, self.logprobs = self.logprobs, None
+            yield delta, logprobs, _finish_reason(finish_reason, self.called) if k == len(deltas) - 1 else None
 
 
 class CompletionFormatter(_Formatter):

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from server.tool_parser import Delta, StreamingToolParser, ToolCall, parse_tool_calls
+from models.tool_parser import Delta, StreamingToolParser, ToolCall, parse_tool_calls
 
 
 def call(name, args=None, key="arguments"):
