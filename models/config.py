@@ -42,6 +42,21 @@ class ModelConfig:
         """Bytes of K and V for one token in all layers, per byte of element size."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
+    def to_hf(self) -> dict[str, Any]:
+        """config.json for this shape, as transformers writes it (what from_hf reads back)."""
+        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                      "Qwen3ForCausalLM": "qwen3"}[self.architecture]
+        eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
+        return {"architectures": [self.architecture], "model_type": model_type, "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+                "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+                "max_position_embeddings": self.max_position_embeddings,
+                "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.qkv_bias,
+                "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id, "eos_token_id": eos,
+                "torch_dtype": self.torch_dtype or "float32"}
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         archs = cfg.get("architectures") or []

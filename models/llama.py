@@ -5,13 +5,23 @@ optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3), tied or untied emb
 the new tokens of every sequence in one [num_tokens] tensor, as the model runner builds it.
 """
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import AttentionMetadata, Backend
+from kernels import TORCH, AttentionMetadata, Backend
 from models.config import ModelConfig
+
+
+@dataclass
+class CausalBatch:
+    """Training and scoring: `batch` sequences of `length` tokens each, laid out flat like the serving batch, with
+    plain causal attention and no KV cache (the same layers, so training and serving share one definition)."""
+    batch: int
+    length: int
+    backend: Backend = field(default=TORCH)
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +97,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q, ops), self.k_norm(k, ops)
         q, k = ops.rotary(q, k, *rope)
+        if isinstance(meta, CausalBatch):
+            return self.o_proj(self._causal(q, k, v, meta).reshape(n, self.q_size))
         ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.is_prefill:
             o = ops.prefill_attention(q, k, v, meta.cu_seqlens_q, self.k_cache, self.v_cache, meta.block_tables,
@@ -95,6 +107,15 @@ class Attention(nn.Module):
             o = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                                      self.scale)
         return self.o_proj(o.reshape(n, self.q_size))
+
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: CausalBatch) -> torch.Tensor:
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [B * T, h, d] -> [B, h, T, d]
+            return x.view(meta.batch, meta.length, -1, self.head_dim).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True, scale=self.scale,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return o.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -152,6 +173,31 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
+
+    def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] for a batch of whole sequences [B, T] (training, scoring)."""
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device).repeat(batch)
+        hidden = self(input_ids.reshape(-1), positions, CausalBatch(batch, length))
+        return self.compute_logits(hidden).view(batch, length, -1)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under transformers' names, fused projections split again (what load_weights reads)."""
+        split = {fused: [name for name, (f, _) in sorted(self.packed.items(), key=lambda kv: kv[1][1]) if f == fused]
+                 for fused, _ in self.packed.values()}
+        cfg = self.config
+        sizes = {"qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
+                 "gate_up_proj": [cfg.intermediate_size] * 2}
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            parts = name.split(".")
+            hf = "model." + name if not name.startswith("lm_head") else name
+            if len(parts) >= 2 and parts[-2] in split:
+                for piece, chunk in zip(split[parts[-2]], tensor.split(sizes[parts[-2]], dim=0)):
+                    out[hf.replace(parts[-2], piece)] = chunk.contiguous()
+            else:
+                out[hf] = tensor.contiguous()
+        return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load a Hugging Face state dict (names as in transformers' LlamaForCausalLM and kin)."""

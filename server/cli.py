@@ -1,4 +1,4 @@
-"""`tokenmill serve | chat | generate`."""
+"""`tokenmill serve | chat | generate | train`."""
 import argparse
 import logging
 import os
@@ -138,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
 
+    from training import cli as train_cli
+    train_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     try:
-        return {"serve": _serve, "chat": _chat, "generate": _generate}[args.command](args)
+        return {"serve": _serve, "chat": _chat, "generate": _generate, "train": train_cli.run}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2

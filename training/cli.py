@@ -1,0 +1,25 @@
+"""`tokenmill train STAGE [--config FILE] [key=value ...]`: one entry point for every training stage; under
+`torchrun` the same command runs data-parallel."""
+import argparse
+
+from training.settings import load_settings
+
+STAGES = ("tokenizer", "pretrain")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="run a training stage: " + ", ".join(STAGES))
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--config", help="a TOML or JSON file of settings")
+    p.add_argument("overrides", nargs="*", help="settings as key=value, after the config file's")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.stage == "tokenizer":
+        from training.tok_train import TokenizerSettings, train_tokenizer
+        out = train_tokenizer(load_settings(TokenizerSettings, args.config, args.overrides))
+    else:
+        from training.pretrain import PretrainSettings, pretrain
+        out = pretrain(load_settings(PretrainSettings, args.config, args.overrides))
+    print(f"wrote {out}")
+    return 0

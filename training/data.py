@@ -1,0 +1,100 @@
+"""Training data: text files and JSONL read with errors that name the file and line, documents tokenized into
+one stream, and the stream cut into fixed-length samples whose order depends only on (seed, sample index), so a
+run resumes at any step and splits across DDP ranks without changing which samples form a step's batch."""
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def expand(patterns: list[str]) -> list[Path]:
+    """Files named by paths or glob patterns, in a stable order; a pattern matching nothing is an error."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") \
+            else [Path(pattern)]
+        matches = [m for m in matches if m.is_file()]
+        if not matches:
+            raise FileNotFoundError(f"no data file matches {pattern!r}")
+        files.extend(matches)
+    return files
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is an error naming it."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    if not rows:
+        raise ValueError(f"{path}: no records")
+    return rows
+
+
+def read_documents(patterns: list[str]) -> list[str]:
+    """A .jsonl file gives one document per line's "text" field; any other file is one UTF-8 text document."""
+    docs = []
+    for path in expand(patterns):
+        if path.suffix == ".jsonl":
+            for number, row in read_jsonl(path):
+                if not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}:{number}: a pretraining record needs a string field \"text\"")
+                docs.append(row["text"])
+        else:
+            try:
+                docs.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    return docs
+
+
+def token_stream(docs: list[str], tokenizer, bos_id: int | None) -> torch.Tensor:
+    """All documents' tokens in one int64 tensor, each document opened by BOS."""
+    ids: list[int] = []
+    for doc in docs:
+        if bos_id is not None:
+            ids.append(bos_id)
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class PackedSamples:
+    """Non-overlapping windows of `seq_len + 1` tokens (inputs and their next-token targets); sample g is window
+    perm(epoch)[g % n] with epoch = g // n and a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.num_windows = (len(tokens) - 1) // seq_len
+        if self.num_windows < 1:
+            raise ValueError(f"{len(tokens)} tokens do not fill one sequence of {seq_len}: add data or shorten seq_len")
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def window(self, g: int) -> torch.Tensor:
+        epoch, i = divmod(g, self.num_windows)
+        if self._perm is None or self._perm[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.num_windows, generator=generator))
+        start = int(self._perm[1][i]) * self.seq_len
+        return self.tokens[start:start + self.seq_len + 1]
+
+    def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.stack([self.window(first + i) for i in range(size)])
+        return rows[:, :-1], rows[:, 1:]
+
+    def in_order(self, size: int, limit: int | None = None):
+        """Batches of consecutive windows from the start, unshuffled (validation)."""
+        count = self.num_windows if limit is None else min(self.num_windows, limit * size)
+        for start in range(0, count, size):
+            rows = torch.stack([self.tokens[w * self.seq_len:(w + 1) * self.seq_len + 1]
+                                for w in range(start, min(start + size, count))])
+            yield rows[:, :-1], rows[:, 1:]
