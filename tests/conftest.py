@@ -173,3 +173,25 @@ def server():
 def openai_client(server):
     import openai
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.api_key, max_retries=0, timeout=120)
+
+
+# ---- training at toy size: the repository's own text is the corpus (in every checkout, nothing to download) ----
+ROOT = Path(__file__).resolve().parents[1]
+TOY_CORPUS = [str(ROOT / "README.md"), str(ROOT / "engine" / "*.py"), str(ROOT / "models" / "*.py")]
+TOY_MODEL = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, seq_len=64,
+                 batch_size=4, warmup_steps=4, eval_every=1000, progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer_dir(tmp_path_factory) -> Path:
+    from training.tok_train import TokenizerSettings, train_tokenizer
+    return train_tokenizer(TokenizerSettings(data=TOY_CORPUS, out_dir=str(tmp_path_factory.mktemp("tok")),
+                                             vocab_size=800))
+
+
+@pytest.fixture(scope="session")
+def toy_pretrained_dir(toy_tokenizer_dir, tmp_path_factory) -> Path:
+    """A 2-layer model pretrained for 40 steps on the toy corpus."""
+    from training.pretrain import PretrainSettings, pretrain
+    return pretrain(PretrainSettings(data=TOY_CORPUS, tokenizer=str(toy_tokenizer_dir), max_steps=40,
+                                     out_dir=str(tmp_path_factory.mktemp("pretrained")), **TOY_MODEL))

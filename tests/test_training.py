@@ -15,19 +15,12 @@ from models.tokenizer import Tokenizer
 from training.data import PackedSamples, read_documents, read_jsonl
 from training.pretrain import PretrainSettings, lr_at, pretrain
 from training.settings import load_settings
-from training.tok_train import TokenizerSettings, train_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-# the repository's own text is the toy corpus: it is there in every checkout and needs no download
-CORPUS = [str(ROOT / "README.md"), str(ROOT / "engine" / "*.py"), str(ROOT / "models" / "*.py")]
-TOY = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, seq_len=64,
-           batch_size=4, warmup_steps=4, eval_every=1000, progress=False)
+from tests.conftest import ROOT, TOY_CORPUS as CORPUS, TOY_MODEL as TOY
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    return train_tokenizer(TokenizerSettings(data=CORPUS, out_dir=str(tmp_path_factory.mktemp("tok")),
-                                             vocab_size=800))
+@pytest.fixture
+def tokenizer_dir(toy_tokenizer_dir) -> Path:
+    return toy_tokenizer_dir
 
 
 def _losses(out_dir: Path) -> list[float]:
@@ -118,14 +111,15 @@ def test_two_ddp_processes_follow_the_single_process_loss_curve(tokenizer_dir, t
 
 
 @pytest.mark.slow
-def test_pretrained_checkpoint_matches_transformers_and_is_served(tokenizer_dir, tmp_path):
+def test_pretrained_checkpoint_matches_transformers_and_is_served(toy_pretrained_dir):
     import transformers
 
     from engine import LLM, SamplingParams
     from tests.conftest import RunningServer
-    out = pretrain(_settings(tokenizer_dir, tmp_path / "pt", max_steps=40))
+    out = toy_pretrained_dir
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert records[-1]["loss"] < records[1]["loss"] - 0.5  # it learns
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5  # it learns
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     llm = LLM(str(out), dtype="float32", kv_cache_memory="32MiB")
     ids = llm.get_tokenizer().encode("def step(self):")

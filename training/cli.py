@@ -4,7 +4,7 @@ import argparse
 
 from training.settings import load_settings
 
-STAGES = ("tokenizer", "pretrain")
+STAGES = ("tokenizer", "pretrain", "sft")
 
 
 def add_parser(sub) -> None:
@@ -18,8 +18,11 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "tokenizer":
         from training.tok_train import TokenizerSettings, train_tokenizer
         out = train_tokenizer(load_settings(TokenizerSettings, args.config, args.overrides))
-    else:
+    elif args.stage == "pretrain":
         from training.pretrain import PretrainSettings, pretrain
         out = pretrain(load_settings(PretrainSettings, args.config, args.overrides))
+    else:
+        from training.sft import SFTSettings, sft
+        out = sft(load_settings(SFTSettings, args.config, args.overrides))
     print(f"wrote {out}")
     return 0

@@ -68,6 +68,60 @@ def token_stream(docs: list[str], tokenizer, bos_id: int | None) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.long)
 
 
+def shuffled_index(g: int, n: int, seed: int, cache: dict) -> int:
+    """Which of n items global sample g is: epoch g // n visits all n in an order seeded by (seed, epoch)."""
+    epoch, i = divmod(g, n)
+    if cache.get("epoch") != epoch:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        cache.update(epoch=epoch, perm=torch.randperm(n, generator=generator))
+    return int(cache["perm"][i])
+
+
+def read_conversations(patterns: list[str]) -> list[tuple[str, list[dict[str, str]]]]:
+    """("file:line", messages) for each JSONL record {"messages": [{"role", "content"}, ...]}; a record that is
+    not a conversation with at least one assistant turn is an error naming its file and line."""
+    out = []
+    for path in expand(patterns):
+        for number, row in read_jsonl(path):
+            where = f"{path}:{number}"
+            messages = row.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ValueError(f"{where}: a conversation needs a non-empty list \"messages\"")
+            for m in messages:
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                        m.get("content"), str):
+                    raise ValueError(f"{where}: each message needs string fields \"role\" and \"content\"")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise ValueError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
+            out.append((where, messages))
+    return out
+
+
+def encode_conversation(tokenizer, messages: list[dict[str, str]], max_len: int) -> tuple[list[int], list[int]]:
+    """(token ids, labels) of a conversation rendered with the chat template; labels are -100 except on the
+    assistant turns' tokens (their text and end-of-turn marker). Each turn is encoded on its own, as the server
+    encodes a prompt and the model then writes the answer, so training sees the tokens inference sees."""
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, message in enumerate(messages):
+        cuts = []
+        if message["role"] == "assistant":
+            cuts.append((tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True) if i else
+                         tokenizer.apply_chat_template([], add_generation_prompt=True), False))
+        cuts.append((tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False),
+                     message["role"] == "assistant"))
+        for text, learn in cuts:
+            if not text.startswith(done):
+                raise ValueError("the chat template does not render a conversation as a prefix of its extension; "
+                                 "assistant tokens cannot be located")
+            piece = tokenizer.encode(text[len(done):], add_special_tokens=False)
+            ids += piece
+            labels += piece if learn else [-100] * len(piece)
+            done = text
+    return ids[:max_len], labels[:max_len]
+
+
 class PackedSamples:
     """Non-overlapping windows of `seq_len + 1` tokens (inputs and their next-token targets); sample g is window
     perm(epoch)[g % n] with epoch = g // n and a permutation seeded by (seed, epoch)."""
@@ -77,14 +131,10 @@ class PackedSamples:
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise ValueError(f"{len(tokens)} tokens do not fill one sequence of {seq_len}: add data or shorten seq_len")
-        self._perm: tuple[int, torch.Tensor] | None = None
+        self._order: dict = {}
 
     def window(self, g: int) -> torch.Tensor:
-        epoch, i = divmod(g, self.num_windows)
-        if self._perm is None or self._perm[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.num_windows, generator=generator))
-        start = int(self._perm[1][i]) * self.seq_len
+        start = shuffled_index(g, self.num_windows, self.seed, self._order) * self.seq_len
         return self.tokens[start:start + self.seq_len + 1]
 
     def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
