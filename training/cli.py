@@ -4,7 +4,7 @@ import argparse
 
 from training.settings import load_settings
 
-STAGES = ("tokenizer", "pretrain", "sft")
+STAGES = ("tokenizer", "pretrain", "sft", "dpo", "lora")
 
 
 def add_parser(sub) -> None:
@@ -21,8 +21,14 @@ def run(args: argparse.Namespace) -> int:
     elif args.stage == "pretrain":
         from training.pretrain import PretrainSettings, pretrain
         out = pretrain(load_settings(PretrainSettings, args.config, args.overrides))
-    else:
+    elif args.stage == "sft":
         from training.sft import SFTSettings, sft
         out = sft(load_settings(SFTSettings, args.config, args.overrides))
+    elif args.stage == "dpo":
+        from training.dpo import DPOSettings, dpo
+        out = dpo(load_settings(DPOSettings, args.config, args.overrides))
+    else:
+        from training.lora import MergeSettings, merge_adapter
+        out = merge_adapter(load_settings(MergeSettings, args.config, args.overrides))
     print(f"wrote {out}")
     return 0

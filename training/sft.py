@@ -1,31 +1,74 @@
 """Stage `sft`: supervised fine-tuning on conversations (JSONL {"messages": [...]}) rendered with the model's chat
 template; the loss covers only the assistant turns. Starts from any checkpoint the server loads: our pretrained
-directory, a Hugging Face directory, or "default" (SmolLM2-135M-Instruct's GGUF)."""
+directory, a Hugging Face directory, or "default" (SmolLM2-135M-Instruct's GGUF). With lora_rank > 0 only LoRA
+adapters train (training/lora.py); they are saved, and merged into the written checkpoint unless merge_lora=false."""
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from models.loading import load_model
+from models.loading import LoadedModel, load_model
 from training.checkpoint import check_vocab, save_pretrained
 from training.data import encode_conversation, read_conversations, shuffled_index
+from training.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_adapter
 from training.pretrain import causal_lm_loss
 from training.trainer import TrainSettings, distributed, train
 
 
 @dataclass
-class SFTSettings(TrainSettings):
+class FinetuneSettings(TrainSettings):
+    """What sft and dpo share: the starting checkpoint, JSONL data, and LoRA."""
     model: str = "out/pretrain"  # the checkpoint to start from (a directory, a .gguf file or "default")
-    data: list[str] = field(default_factory=list)  # JSONL conversations
-    val_data: list[str] = field(default_factory=list)  # held-out conversations (assistant-token loss)
-    out_dir: str = "out/sft"
+    data: list[str] = field(default_factory=list)
+    val_data: list[str] = field(default_factory=list)
     max_len: int = 512
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 10
     weight_decay: float = 0.0
     eval_batches: int = 16
+    lora_rank: int = 0  # 0: train every weight
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    merge_lora: bool = True
+
+
+@dataclass
+class SFTSettings(FinetuneSettings):
+    out_dir: str = "out/sft"
+
+
+def start_model(s: FinetuneSettings) -> tuple[LoadedModel, dict]:
+    """The model to fine-tune, trainable (all of it, or LoRA adapters), and facts for the log header."""
+    loaded = load_model(s.model, "float32", "cpu")
+    check_vocab(loaded.tokenizer, loaded.config.vocab_size, s.model)
+    total = sum(p.numel() for p in loaded.model.parameters())
+    if s.lora_rank:
+        trainable = add_lora(loaded.model, s.lora_rank, s.lora_alpha, s.lora_targets)
+    else:
+        trainable = total
+        loaded.model.requires_grad_(True)
+    return loaded, {"base": s.model, "parameters": total, "trainable_parameters": trainable,
+                    "trainable_fraction": trainable / total}
+
+
+def saver(s: FinetuneSettings, loaded: LoadedModel) -> Callable[[Path], None]:
+    source = loaded.path if loaded.path.is_dir() else loaded.tokenizer  # a GGUF's tokenizer is written from ours
+
+    def save(out: Path) -> None:
+        model = loaded.model
+        if s.lora_rank:
+            save_adapter(model, out, s.lora_rank, s.lora_alpha, s.lora_targets, s.model)
+            if not s.merge_lora:
+                return
+            model = copy.deepcopy(model)  # training goes on with the adapters separate
+            merge_lora(model)
+        save_pretrained(model, source, out)
+
+    return save
 
 
 def encode_all(tokenizer, conversations, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -67,11 +110,10 @@ def sft(s: SFTSettings) -> Path:
     if s.threads:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
-    loaded = load_model(s.model, "float32", "cpu")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    check_vocab(tokenizer, loaded.config.vocab_size, s.model)
     if not s.data:
         raise ValueError("setting data: give the JSONL conversations to train on")
+    loaded, facts = start_model(s)
+    model, tokenizer = loaded.model, loaded.tokenizer
     rows = encode_all(tokenizer, read_conversations(s.data), s.max_len)
     val = encode_all(tokenizer, read_conversations(s.val_data), s.max_len) if s.val_data else []
     pad = tokenizer.eos_token_id or 0
@@ -87,10 +129,6 @@ def sft(s: SFTSettings) -> Path:
         loss = assistant_loss(model.causal_logits, val, pad, s.batch_size, s.eval_batches)
         return {"val_loss": loss, "val_ppl": math.exp(loss)}
 
-    header = {"stage": "sft", "base": s.model, "conversations": len(rows), "val_conversations": len(val)}
-    for p in model.parameters():
-        p.requires_grad_(True)
-    source = loaded.path if loaded.path.is_dir() else tokenizer  # a GGUF's tokenizer is written out from ours
-    train(s, model, model.causal_logits, micro_loss, evaluate, lambda out: save_pretrained(model, source, out),
-          header)
+    header = {"stage": "sft", **facts, "conversations": len(rows), "val_conversations": len(val)}
+    train(s, model, model.causal_logits, micro_loss, evaluate, saver(s, loaded), header)
     return Path(s.out_dir)

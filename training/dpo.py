@@ -1,0 +1,115 @@
+"""Stage `dpo`: direct preference optimisation on JSONL pairs {"prompt": [messages] or "text", "chosen": "...",
+"rejected": "..."}. The policy starts from `model` (usually the SFT checkpoint), the reference is a frozen copy of
+it; loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))),
+log-probabilities summed over the answer's tokens. Reports held-out preference accuracy and reward margin."""
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.data import encode_conversation, expand, read_jsonl, shuffled_index
+from training.sft import FinetuneSettings, padded, saver, start_model
+from training.trainer import distributed, train
+
+
+@dataclass
+class DPOSettings(FinetuneSettings):
+    out_dir: str = "out/dpo"
+    beta: float = 0.1
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+
+
+def read_pairs(patterns: list[str]) -> list[tuple[str, list[dict], str, str]]:
+    pairs = []
+    for path in expand(patterns):
+        for number, row in read_jsonl(path):
+            where = f"{path}:{number}"
+            prompt = row.get("prompt")
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            if not isinstance(prompt, list) or not prompt or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+                raise ValueError(f"{where}: \"prompt\" must be a string or a list of messages")
+            if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+                raise ValueError(f"{where}: a preference pair needs string fields \"chosen\" and \"rejected\"")
+            if row["chosen"] == row["rejected"]:
+                raise ValueError(f"{where}: chosen and rejected are the same answer")
+            pairs.append((where, prompt, row["chosen"], row["rejected"]))
+    return pairs
+
+
+def encode_pairs(tokenizer, pairs, max_len: int) -> list[tuple[tuple, tuple]]:
+    out = []
+    for where, prompt, chosen, rejected in pairs:
+        encoded = tuple(encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": answer}], max_len)
+                        for answer in (chosen, rejected))
+        if any(all(label == -100 for label in labels[1:]) for _, labels in encoded):
+            raise ValueError(f"{where}: an answer falls outside max_len ({max_len}) tokens")
+        out.append(encoded)
+    return out
+
+
+def answer_logprobs(logits_of, rows, pad_id: int) -> torch.Tensor:
+    """Sum of log-probabilities of each row's answer tokens, one forward for all rows."""
+    x, y = padded(rows, pad_id)
+    logprobs = F.log_softmax(logits_of(x), dim=-1)
+    mask = y != -100
+    picked = logprobs.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def dpo(s: DPOSettings) -> Path:
+    distributed()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    if not s.data:
+        raise ValueError("setting data: give the JSONL preference pairs to train on")
+    loaded, facts = start_model(s)
+    policy, tokenizer = loaded.model, loaded.tokenizer
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    if s.lora_rank:  # the frozen copy keeps zero adapters: it is the starting model exactly
+        reference.requires_grad_(False)
+    pairs = encode_pairs(tokenizer, read_pairs(s.data), s.max_len)
+    val = encode_pairs(tokenizer, read_pairs(s.val_data), s.max_len) if s.val_data else []
+    pad = tokenizer.eos_token_id or 0
+    order: dict = {}
+
+    def logprobs(logits_of, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi, log ref) [2 * len(batch)]: chosen answers first, then rejected, all in one forward each."""
+        rows = [c for c, _ in batch] + [r for _, r in batch]
+        with torch.no_grad():
+            ref = answer_logprobs(reference.causal_logits, rows, pad)
+        return answer_logprobs(logits_of, rows, pad), ref
+
+    def margins(policy_lp: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
+        reward = s.beta * (policy_lp - ref_lp)
+        half = len(reward) // 2
+        return reward[:half] - reward[half:]
+
+    def micro_loss(forward, first: int, size: int) -> torch.Tensor:
+        batch = [pairs[shuffled_index(first + i, len(pairs), s.seed, order)] for i in range(size)]
+        return -F.logsigmoid(margins(*logprobs(forward, batch))).mean()
+
+    def evaluate() -> dict:
+        if not val:
+            return {}
+        margin, prefers = [], []
+        for i in range(0, len(val), s.batch_size):
+            policy_lp, ref_lp = logprobs(policy.causal_logits, val[i:i + s.batch_size])
+            margin.append(margins(policy_lp, ref_lp))
+            half = len(policy_lp) // 2
+            prefers.append(policy_lp[:half] > policy_lp[half:])
+        margin, prefers = torch.cat(margin), torch.cat(prefers)
+        # reward accuracy is 0 for the starting model (its rewards are all 0); "prefers_chosen" is the model's
+        # own preference (log pi(chosen) > log pi(rejected)), comparable before and after training
+        return {"val_loss": float(-F.logsigmoid(margin).mean()), "val_reward_accuracy": float(
+            (margin > 0).float().mean()), "val_margin": float(margin.mean()),
+                "val_prefers_chosen": float(prefers.float().mean())}
+
+    header = {"stage": "dpo", **facts, "beta": s.beta, "pairs": len(pairs), "val_pairs": len(val)}
+    train(s, policy, policy.causal_logits, micro_loss, evaluate, saver(s, loaded), header)
+    return Path(s.out_dir)
