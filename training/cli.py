@@ -4,7 +4,7 @@ import argparse
 
 from training.settings import load_settings
 
-STAGES = ("tokenizer", "pretrain", "sft", "dpo", "lora")
+STAGES = ("tokenizer", "pretrain", "sft", "dpo", "lora", "distill")
 
 
 def add_parser(sub) -> None:
@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.stage == "dpo":
         from training.dpo import DPOSettings, dpo
         out = dpo(load_settings(DPOSettings, args.config, args.overrides))
+    elif args.stage == "distill":
+        from training.distill import DistillSettings, distill
+        out = distill(load_settings(DistillSettings, args.config, args.overrides))
     else:
         from training.lora import MergeSettings, merge_adapter
         out = merge_adapter(load_settings(MergeSettings, args.config, args.overrides))

@@ -68,7 +68,9 @@ def unigram_loss(train: torch.Tensor, val: torch.Tensor, vocab: int) -> float:
     return float(-(counts / counts.sum()).log()[val].mean())
 
 
-def pretrain(s: PretrainSettings) -> Path:
+def pretrain(s: PretrainSettings, batch_loss=causal_lm_loss, stage: str = "pretrain") -> Path:
+    """Train from scratch; `batch_loss(forward, inputs, targets)` is next-token cross-entropy unless a stage
+    (distill) brings its own."""
     distributed()
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -82,7 +84,7 @@ def pretrain(s: PretrainSettings) -> Path:
     baseline = unigram_loss(train_tokens, val_tokens, tokenizer.vocab_size)
 
     def micro_loss(forward, first: int, size: int) -> torch.Tensor:
-        return causal_lm_loss(forward, *samples.batch(first, size))
+        return batch_loss(forward, *samples.batch(first, size))
 
     def evaluate() -> dict:
         losses = [causal_lm_loss(model.causal_logits, x, y).item() for x, y in val.in_order(s.batch_size,
@@ -90,7 +92,7 @@ def pretrain(s: PretrainSettings) -> Path:
         loss = sum(losses) / len(losses)
         return {"val_loss": loss, "val_ppl": math.exp(loss)}
 
-    header = {"stage": "pretrain", "train_tokens": len(train_tokens), "val_tokens": len(val_tokens),
+    header = {"stage": stage, "train_tokens": len(train_tokens), "val_tokens": len(val_tokens),
               "unigram_val_loss": baseline, "unigram_val_ppl": math.exp(baseline),
               "tokens_per_step": s.batch_size * s.grad_accum * s.seq_len * distributed()[0]}
     train(s, model, model.causal_logits, micro_loss, evaluate, lambda out: save_pretrained(model, s.tokenizer, out),
