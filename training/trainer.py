@@ -86,7 +86,7 @@ def train(s: TrainSettings, model: torch.nn.Module, forward: Callable,
                                    {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(s.beta1, s.beta2))
     step = 0
     if s.resume and (out / "train_state.pt").is_file():
-        model.load_state_dict(load_file(out / "train_weights.safetensors"), strict=False)
+        model.load_state_dict(load_file(out / "train_weights.safetensors"))
         state = load_train_state(out)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
@@ -96,7 +96,7 @@ def train(s: TrainSettings, model: torch.nn.Module, forward: Callable,
     log = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        log = open(out / "log.jsonl", "a")
+        log = open(out / "log.jsonl", "a" if step else "w")  # a fresh run starts a fresh log
         log.write(json.dumps({"settings": asdict(s), "world_size": world, **header}) + "\n")
     end = min(s.max_steps, s.stop_at) if s.stop_at else s.max_steps
     bar = tqdm(total=end, initial=step, desc=header.get("stage", "train"), disable=rank != 0 or not s.progress)

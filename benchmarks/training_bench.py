@@ -1,0 +1,151 @@
+"""Every training stage at demo size on the `make data` corpus, with the effect each one should have measured
+against its baseline in the same run; writes benchmarks/results/training.md.
+
+    .venv/bin/python benchmarks/training_bench.py --data data --out-dir out/demo [--scale 1.0]
+
+1. tokenizer + pretrain: validation perplexity on a held-out play vs a unigram model of the training text.
+2. sft (full): held-out assistant-token loss before and after (chatterbot Q/A and arithmetic).
+3. sft (LoRA, < 1% of the parameters trainable): the same loss, next to full SFT.
+4. dpo from the SFT model: held-out preference for the right answer and the arithmetic task score (greedy answer
+   correct), SFT model vs DPO model.
+5. distill: a smaller student trained against the pretrained teacher vs the same student on hard labels only,
+   equal steps: validation loss on the held-out play.
+"""
+import argparse
+import datetime
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from training.distill import DistillSettings, distill  # noqa: E402
+from training.dpo import DPOSettings, dpo  # noqa: E402
+from training.pretrain import PretrainSettings, pretrain  # noqa: E402
+from training.sft import SFTSettings, sft  # noqa: E402
+from training.tok_train import TokenizerSettings, train_tokenizer  # noqa: E402
+
+MODEL = dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=688, seq_len=128)
+STUDENT = dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=344, seq_len=128)
+
+
+def records(out: Path) -> tuple[dict, list[dict]]:
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return lines[0], lines[1:]
+
+
+def first_last(out: Path, key: str) -> tuple[float, float]:
+    values = [r[key] for r in records(out)[1] if key in r]
+    return values[0], values[-1]
+
+
+def task_score(model_dir: Path, val_file: Path) -> float:
+    """Share of held-out arithmetic questions whose greedy answer states the right sum."""
+    rows = [json.loads(line) for line in val_file.read_text().splitlines()]
+    llm = LLM(str(model_dir), dtype="float32", kv_cache_memory="256MiB")
+    outs = llm.chat([[{"role": "user", "content": r["prompt"]}] for r in rows],
+                    SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    right = 0
+    for row, out in zip(rows, outs):
+        a, b = map(int, re.findall(r"\d+", row["prompt"])[:2])
+        numbers = re.findall(r"-?\d+", out.outputs[0].text)
+        right += bool(numbers) and numbers[-1] == str(a + b)
+    return right / len(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--out-dir", default="out/demo")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's step count")
+    parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "training.md"))
+    args = parser.parse_args()
+    data, out = Path(args.data), Path(args.out_dir)
+    steps = lambda n: max(2, int(n * args.scale))  # noqa: E731
+    quiet = dict(progress=False)
+    timings = {}
+    text = [str(data / "text" / "*")]
+    held_out = [str(data / "text_val" / "*")]
+
+    start = time.perf_counter()
+    tok = train_tokenizer(TokenizerSettings(data=text, out_dir=str(out / "tokenizer"), vocab_size=4096))
+    pre = pretrain(PretrainSettings(data=text, val_data=held_out, tokenizer=str(tok), out_dir=str(out / "pretrain"),
+                                    max_steps=steps(600), batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                                    eval_every=steps(600), eval_batches=16, **MODEL, **quiet))
+    timings["tokenizer + pretrain"] = time.perf_counter() - start
+    header, _ = records(pre)
+    _, pre_val = first_last(pre, "val_ppl")
+
+    sft_data = [str(data / "sft" / "train.jsonl")]
+    sft_val = [str(data / "sft" / "chat_val.jsonl"), str(data / "sft" / "arith_val.jsonl")]
+    start = time.perf_counter()
+    full = sft(SFTSettings(model=str(pre), data=sft_data, val_data=sft_val, out_dir=str(out / "sft"),
+                           max_steps=steps(400), batch_size=16, lr=1e-3, min_lr=1e-4, eval_every=steps(400),
+                           eval_batches=32, max_len=128, **quiet))
+    timings["sft (full)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lora = sft(SFTSettings(model=str(pre), data=sft_data, val_data=sft_val, out_dir=str(out / "sft_lora"),
+                           max_steps=steps(400), batch_size=16, lr=1e-2, min_lr=1e-3, eval_every=steps(400),
+                           eval_batches=32, max_len=128, lora_rank=2, lora_alpha=4.0, **quiet))
+    timings["sft (LoRA)"] = time.perf_counter() - start
+    lora_header, _ = records(lora)
+
+    dpo_val = data / "dpo" / "val.jsonl"
+    start = time.perf_counter()
+    pref = dpo(DPOSettings(model=str(full), data=[str(data / "dpo" / "train.jsonl")], val_data=[str(dpo_val)],
+                           out_dir=str(out / "dpo"), max_steps=steps(200), batch_size=16, lr=3e-4, min_lr=3e-5,
+                           beta=0.1, eval_every=steps(200), max_len=128, **quiet))
+    timings["dpo"] = time.perf_counter() - start
+    scores = {"SFT model": task_score(full, dpo_val), "DPO model": task_score(pref, dpo_val)}
+
+    start = time.perf_counter()
+    students = {}
+    for label, alpha in (("hard labels only", 0.0), ("distilled (alpha 0.5, T 2)", 0.5)):
+        students[label] = distill(DistillSettings(
+            teacher=str(pre), tokenizer=str(pre), data=text, val_data=held_out, out_dir=str(out / f"distill_{alpha}"),
+            alpha=alpha, temperature=2.0, max_steps=steps(300), batch_size=16, lr=3e-3, min_lr=3e-4,
+            warmup_steps=20, eval_every=steps(300), eval_batches=16, **STUDENT, **quiet))
+    timings["distill (2 students)"] = time.perf_counter() - start
+
+    sft_before, sft_after = first_last(full, "val_loss")
+    lora_before, lora_after = first_last(lora, "val_loss")
+    lines = [
+        f"# Training stages at demo size ({datetime.date.today()}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads)", "",
+        f"`python benchmarks/training_bench.py --data {args.data} --out-dir {args.out_dir} --scale {args.scale}` "
+        "on the `make data` corpus (Shakespeare's plays and the KJV; chatterbot Q/A and arithmetic for SFT; "
+        "arithmetic preference pairs whose rejected answer is off by 1 or 2).", "",
+        "| check | baseline | result |", "|---|---|---|",
+        f"| pretrain ({MODEL['num_layers']} layers, {MODEL['hidden_size']} wide, {steps(600)} steps): validation "
+        f"perplexity on a held-out play | unigram {header['unigram_val_ppl']:.1f} | {pre_val:.1f} |",
+        f"| sft (full, {steps(400)} steps): held-out assistant-token loss | before {sft_before:.3f} | "
+        f"{sft_after:.3f} |",
+        f"| sft (LoRA r=2, {100 * lora_header['trainable_fraction']:.2f}% of parameters trainable): same loss | "
+        f"full SFT {sft_after:.3f} | {lora_after:.3f} (before {lora_before:.3f}) |",
+    ]
+    dpo_first, dpo_last = records(pref)[1][0], [r for r in records(pref)[1] if "val_prefers_chosen" in r][-1]
+    lines += [
+        f"| dpo ({steps(200)} steps, beta 0.1): held-out pairs where the model prefers the right answer | SFT model "
+        f"{dpo_first['val_prefers_chosen']:.3f} | {dpo_last['val_prefers_chosen']:.3f} (reward accuracy "
+        f"{dpo_last['val_reward_accuracy']:.3f}) |",
+        f"| dpo: arithmetic task score (greedy answer states the right sum, {sum(1 for _ in open(dpo_val))} "
+        f"questions) | SFT model {scores['SFT model']:.3f} | {scores['DPO model']:.3f} |",
+    ]
+    hard = first_last(students["hard labels only"], "val_loss")[1]
+    soft = first_last(students["distilled (alpha 0.5, T 2)"], "val_loss")[1]
+    lines += [f"| distill ({STUDENT['num_layers']} layers, {STUDENT['hidden_size']} wide, {steps(300)} steps): "
+              f"validation loss on the held-out play | hard labels only {hard:.3f} | {soft:.3f} |", "",
+              "Time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + "."]
+    text_out = "\n".join(lines) + "\n"
+    print(text_out)
+    Path(args.results).write_text(text_out)
+
+
+if __name__ == "__main__":
+    main()
