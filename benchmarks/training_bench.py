@@ -4,8 +4,8 @@ against its baseline in the same run; writes benchmarks/results/training.md.
     .venv/bin/python benchmarks/training_bench.py --data data --out-dir out/demo [--scale 1.0]
 
 1. tokenizer + pretrain: validation perplexity on a held-out play vs a unigram model of the training text.
-2. sft (full): held-out assistant-token loss before and after (chatterbot Q/A and arithmetic).
-3. sft (LoRA, < 1% of the parameters trainable): the same loss, next to full SFT.
+2. sft on chatterbot Q/A (full): held-out assistant-token loss before and after; it also teaches the chat format.
+3. sft on arithmetic from that model, full vs LoRA (< 1% of the parameters trainable): held-out arithmetic loss.
 4. dpo from the SFT model: held-out preference for the right answer and the arithmetic task score (greedy answer
    correct), SFT model vs DPO model.
 5. distill: a smaller student trained against the pretrained teacher vs the same student on hard labels only,
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default="out/demo")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's step count")
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "training.md"))
+    parser.add_argument("--reuse", action="store_true", help="keep the tokenizer, pretrained model and distilled "
+                        "students already in --out-dir (the slow stages) and rerun the fine-tuning ones")
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out_dir)
     steps = lambda n: max(2, int(n * args.scale))  # noqa: E731
@@ -74,26 +76,32 @@ def main() -> None:
     held_out = [str(data / "text_val" / "*")]
 
     start = time.perf_counter()
-    tok = train_tokenizer(TokenizerSettings(data=text, out_dir=str(out / "tokenizer"), vocab_size=4096))
-    pre = pretrain(PretrainSettings(data=text, val_data=held_out, tokenizer=str(tok), out_dir=str(out / "pretrain"),
-                                    max_steps=steps(600), batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                                    eval_every=steps(600), eval_batches=16, **MODEL, **quiet))
-    timings["tokenizer + pretrain"] = time.perf_counter() - start
+    pre = out / "pretrain"
+    if not (args.reuse and (pre / "model.safetensors").is_file()):
+        tok = train_tokenizer(TokenizerSettings(data=text, out_dir=str(out / "tokenizer"), vocab_size=4096))
+        pretrain(PretrainSettings(data=text, val_data=held_out, tokenizer=str(tok), out_dir=str(pre),
+                                  max_steps=steps(600), batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                                  eval_every=steps(600), eval_batches=16, **MODEL, **quiet))
+        timings["tokenizer + pretrain"] = time.perf_counter() - start
     header, _ = records(pre)
     _, pre_val = first_last(pre, "val_ppl")
 
-    sft_data = [str(data / "sft" / "train.jsonl")]
-    sft_val = [str(data / "sft" / "chat_val.jsonl"), str(data / "sft" / "arith_val.jsonl")]
+    sft_dir = data / "sft"
     start = time.perf_counter()
-    full = sft(SFTSettings(model=str(pre), data=sft_data, val_data=sft_val, out_dir=str(out / "sft"),
-                           max_steps=steps(400), batch_size=16, lr=1e-3, min_lr=1e-4, eval_every=steps(400),
+    chat = sft(SFTSettings(model=str(pre), data=[str(sft_dir / "chat_train.jsonl")],
+                           val_data=[str(sft_dir / "chat_val.jsonl")], out_dir=str(out / "sft_chat"),
+                           max_steps=steps(300), batch_size=16, lr=1e-3, min_lr=1e-4, eval_every=steps(300),
                            eval_batches=32, max_len=128, **quiet))
-    timings["sft (full)"] = time.perf_counter() - start
+    timings["sft (chat)"] = time.perf_counter() - start
+    arith = dict(data=[str(sft_dir / "arith_train.jsonl")], val_data=[str(sft_dir / "arith_val.jsonl")],
+                 max_steps=steps(300), batch_size=16, eval_every=steps(300), eval_batches=32, max_len=128, **quiet)
     start = time.perf_counter()
-    lora = sft(SFTSettings(model=str(pre), data=sft_data, val_data=sft_val, out_dir=str(out / "sft_lora"),
-                           max_steps=steps(400), batch_size=16, lr=1e-2, min_lr=1e-3, eval_every=steps(400),
-                           eval_batches=32, max_len=128, lora_rank=2, lora_alpha=4.0, **quiet))
-    timings["sft (LoRA)"] = time.perf_counter() - start
+    full = sft(SFTSettings(model=str(chat), out_dir=str(out / "sft"), lr=1e-3, min_lr=1e-4, **arith))
+    timings["sft (arithmetic, full)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lora = sft(SFTSettings(model=str(chat), out_dir=str(out / "sft_lora"), lr=1e-2, min_lr=1e-3, lora_rank=2,
+                           lora_alpha=4.0, **arith))
+    timings["sft (arithmetic, LoRA)"] = time.perf_counter() - start
     lora_header, _ = records(lora)
 
     dpo_val = data / "dpo" / "val.jsonl"
@@ -107,12 +115,16 @@ def main() -> None:
     start = time.perf_counter()
     students = {}
     for label, alpha in (("hard labels only", 0.0), ("distilled (alpha 0.5, T 2)", 0.5)):
-        students[label] = distill(DistillSettings(
+        students[label] = out / f"distill_{alpha}"
+        if args.reuse and (students[label] / "model.safetensors").is_file():
+            continue
+        distill(DistillSettings(
             teacher=str(pre), tokenizer=str(pre), data=text, val_data=held_out, out_dir=str(out / f"distill_{alpha}"),
             alpha=alpha, temperature=2.0, max_steps=steps(300), batch_size=16, lr=3e-3, min_lr=3e-4,
             warmup_steps=20, eval_every=steps(300), eval_batches=16, **STUDENT, **quiet))
     timings["distill (2 students)"] = time.perf_counter() - start
 
+    chat_before, chat_after = first_last(chat, "val_loss")
     sft_before, sft_after = first_last(full, "val_loss")
     lora_before, lora_after = first_last(lora, "val_loss")
     lines = [
@@ -124,10 +136,12 @@ def main() -> None:
         "| check | baseline | result |", "|---|---|---|",
         f"| pretrain ({MODEL['num_layers']} layers, {MODEL['hidden_size']} wide, {steps(600)} steps): validation "
         f"perplexity on a held-out play | unigram {header['unigram_val_ppl']:.1f} | {pre_val:.1f} |",
-        f"| sft (full, {steps(400)} steps): held-out assistant-token loss | before {sft_before:.3f} | "
-        f"{sft_after:.3f} |",
-        f"| sft (LoRA r=2, {100 * lora_header['trainable_fraction']:.2f}% of parameters trainable): same loss | "
-        f"full SFT {sft_after:.3f} | {lora_after:.3f} (before {lora_before:.3f}) |",
+        f"| sft on chatterbot Q/A (full, {steps(300)} steps): held-out assistant-token loss | before "
+        f"{chat_before:.3f} | {chat_after:.3f} |",
+        f"| sft on arithmetic from that model (full, {steps(300)} steps): held-out assistant-token loss | before "
+        f"{sft_before:.3f} | {sft_after:.3f} |",
+        f"| the same with LoRA r=2 ({100 * lora_header['trainable_fraction']:.2f}% of parameters trainable) | "
+        f"full SFT {sft_after:.3f} | {lora_after:.3f} |",
     ]
     dpo_first, dpo_last = records(pref)[1][0], [r for r in records(pref)[1] if "val_prefers_chosen" in r][-1]
     lines += [

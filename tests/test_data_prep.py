@@ -35,7 +35,7 @@ def test_prepare_builds_disjoint_train_and_held_out_sets(tmp_path):
     assert read_documents([str(out / "text_val" / "*")]) == ["Full fathom."]  # the last play is held out
     docs = read_documents([str(out / "text" / "*")])
     assert "To be." in docs and "Genesis 1\nVerse 1. Verse 2." in docs
-    train = read_conversations([str(out / "sft" / "train.jsonl")])
+    train = read_conversations([str(out / "sft" / "chat_train.jsonl"), str(out / "sft" / "arith_train.jsonl")])
     chat_val = read_conversations([str(out / "sft" / "chat_val.jsonl")])
     assert len(train) == 18 + 200 and len(chat_val) == 2
     assert not {m[0]["content"] for _, m in chat_val} & {m[0]["content"] for _, m in train}

