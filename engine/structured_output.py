@@ -2,7 +2,7 @@
 matcher per sequence, and mask the logits of constrained rows so that only tokens the grammar allows can be
 sampled. Unconstrained rows of the same batch are left alone."""
 import json
-import logging
+from functools import lru_cache
 from typing import Any
 
 import jsonschema
@@ -10,8 +10,6 @@ import torch
 import xgrammar as xgr
 
 from engine.sampling_params import StructuredOutputsParams
-
-logger = logging.getLogger(__name__)
 
 # JSON-schema keywords xgrammar 0.2.8 accepts but does not enforce (measured: outputs violating them pass), so a
 # schema using them could yield JSON that fails it. Requests naming them are refused instead.
@@ -78,10 +76,15 @@ class Grammars:
                                  stop_token_ids=sorted(eos_token_ids), add_prefix_space=add_prefix_space)
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.vocab_size = vocab_size
+        # the server compiles a request's constraint to check it, the engine again when it queues the request:
+        # the second time (and for every later request with the same constraint) is a lookup, checks included
+        self._compiled = lru_cache(maxsize=256)(self._compile)
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
         """Raises ValueError, naming the problem, for a constraint that cannot be compiled or enforced."""
-        kind, text = params.key
+        return self._compiled(*params.key)
+
+    def _compile(self, kind: str, text: str) -> xgr.CompiledGrammar:
         try:
             if kind == "json":
                 schema = check_json_schema(text)

@@ -224,6 +224,18 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """tokenizer.json and tokenizer_config.json, e.g. for a tokenizer rebuilt from GGUF metadata. A
+        sentencepiece-backed one is saved by copying its directory instead."""
+        if self._sp is not None:
+            raise ValueError("a sentencepiece-backed tokenizer is saved by copying its directory, not rebuilt")
+        out = Path(directory)
+        self._backend.save(str(out / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "add_bos_token": self.add_bos_token,
+                  "add_eos_token": self.add_eos_token, "chat_template": self.chat_template}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
     def grammar_vocab(self) -> tuple[list[str], str, bool]:
         """What a grammar engine needs to know which text each token spells: (token strings by id, how they spell
         bytes: "byte_level" (GPT-2 alphabet), "byte_fallback" (sentencepiece pieces with <0xNN> bytes) or "raw",

@@ -30,11 +30,12 @@ def plan_chat(req: ChatCompletionRequest) -> OutputPlan:
             raise _bad("a message with role 'tool' needs the tool_call_id it answers", f"messages[{i}].tool_call_id")
         if message.tool_calls and message.role != "assistant":
             raise _bad("only assistant messages can hold tool_calls", f"messages[{i}].tool_calls")
+    constraint, param = _format_constraint(req.response_format, req.structured_outputs)
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
             raise _bad("tool_choice is only allowed when tools are given", "tool_choice")
-        return _with_format(OutputPlan(), req.response_format, req.structured_outputs)
+        return OutputPlan(constraint=constraint, param=param)
     names = [tool.function.name for tool in req.tools]
     for i, tool in enumerate(req.tools):
         if names.index(tool.function.name) != i:
@@ -46,11 +47,10 @@ def plan_chat(req: ChatCompletionRequest) -> OutputPlan:
                 raise _bad(f"tools[{i}]: {e}", f"tools[{i}].function.parameters") from None
     choice = choice or "auto"
     if choice == "none":  # the model is not to call tools: it is not shown them either
-        return _with_format(OutputPlan(), req.response_format, req.structured_outputs)
+        return OutputPlan(constraint=constraint, param=param)
     tools = [tool.model_dump(exclude_none=True) for tool in req.tools]
-    plan = OutputPlan(tools=tools, parse_tool_calls=True)
     if choice == "auto":
-        return _with_format(plan, req.response_format, req.structured_outputs)
+        return OutputPlan(tools, True, constraint, param)
     named = None if choice == "required" else choice.function.name
     if named is not None and named not in names:
         raise _bad(f"tool_choice names the function {named!r}, which is not among the tools "
@@ -61,22 +61,15 @@ def plan_chat(req: ChatCompletionRequest) -> OutputPlan:
                 check_enforceable(tool.function.parameters or {})
             except ValueError as e:
                 raise _bad(f"tools[{i}]: {e}", f"tools[{i}].function.parameters") from None
-    if _format_constraint(req.response_format, req.structured_outputs)[0] is not None:
+    if constraint is not None:
         raise _bad("a forced tool call (tool_choice required or named) cannot be combined with a constrained "
                    "response_format or structured_outputs", "tool_choice")
     tag = tool_call_structural_tag(tools, named, req.parallel_tool_calls)
-    plan.constraint, plan.param = StructuredOutputsParams(structural_tag=tag), "tool_choice"
-    return plan
+    return OutputPlan(tools, True, StructuredOutputsParams(structural_tag=tag), "tool_choice")
 
 
 def plan_completion(req: CompletionRequest) -> OutputPlan:
-    return _with_format(OutputPlan(), req.response_format, req.structured_outputs)
-
-
-def _with_format(plan: OutputPlan, response_format: ResponseFormat | None,
-                 structured: StructuredOutputsRequest | None) -> OutputPlan:
-    plan.constraint, plan.param = _format_constraint(response_format, structured)
-    return plan
+    return OutputPlan(None, False, *_format_constraint(req.response_format, req.structured_outputs))
 
 
 def _format_constraint(response_format: ResponseFormat | None, structured: StructuredOutputsRequest | None

@@ -6,7 +6,6 @@ import random
 import pytest
 import torch
 
-from training.checkpoint import write_tokenizer
 from training.data import encode_conversation, read_conversations
 from training.sft import SFTSettings, sft
 
@@ -60,7 +59,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(toy_pretrained_
     mismatched.mkdir()
     for name in ("config.json", "model.safetensors", "generation_config.json"):
         (mismatched / name).write_bytes((toy_pretrained_dir / name).read_bytes())
-    write_tokenizer(smollm_tokenizer, mismatched)
+    smollm_tokenizer.save_pretrained(mismatched)
     with pytest.raises(ValueError, match="49152 tokens but the model's vocabulary holds 800"):
         sft(SFTSettings(model=str(mismatched), data=["unused.jsonl"], out_dir=str(tmp_path / "o"), progress=False))
 

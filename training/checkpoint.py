@@ -31,23 +31,12 @@ def save_pretrained(model: LlamaForCausalLM, tokenizer: str | Path | Tokenizer, 
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2) + "\n")
     if isinstance(tokenizer, Tokenizer):
-        write_tokenizer(tokenizer, out)
+        tokenizer.save_pretrained(out)
     elif Path(tokenizer).resolve() != out.resolve():
         for name in TOKENIZER_FILES:
             if (Path(tokenizer) / name).is_file():
                 shutil.copy2(Path(tokenizer) / name, out / name)
     return out
-
-
-def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    """tokenizer.json and tokenizer_config.json for a Tokenizer whose backend is a `tokenizers` pipeline."""
-    if tokenizer._sp is not None:
-        raise ValueError("a sentencepiece-backed tokenizer is saved by copying its directory, not rebuilt")
-    tokenizer._backend.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
-              "eos_token": tokenizer.eos_token, "add_bos_token": tokenizer.add_bos_token,
-              "add_eos_token": tokenizer.add_eos_token, "chat_template": tokenizer.chat_template}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:

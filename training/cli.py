@@ -1,10 +1,20 @@
 """`tokenmill train STAGE [--config FILE] [key=value ...]`: one entry point for every training stage; under
 `torchrun` the same command runs data-parallel."""
 import argparse
+import importlib
 
 from training.settings import load_settings
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "dpo", "lora", "distill")
+# stage -> (module, settings class, function); imported on use, so `tokenmill serve` never loads training code
+STAGES = {
+    "data": ("training.data_prep", "DataSettings", "prepare"),
+    "tokenizer": ("training.tok_train", "TokenizerSettings", "train_tokenizer"),
+    "pretrain": ("training.pretrain", "PretrainSettings", "pretrain"),
+    "sft": ("training.sft", "SFTSettings", "sft"),
+    "dpo": ("training.dpo", "DPOSettings", "dpo"),
+    "lora": ("training.lora", "MergeSettings", "merge_adapter"),
+    "distill": ("training.distill", "DistillSettings", "distill"),
+}
 
 
 def add_parser(sub) -> None:
@@ -15,26 +25,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.stage == "data":
-        from training.data_prep import DataSettings, prepare
-        out = prepare(load_settings(DataSettings, args.config, args.overrides))
-    elif args.stage == "tokenizer":
-        from training.tok_train import TokenizerSettings, train_tokenizer
-        out = train_tokenizer(load_settings(TokenizerSettings, args.config, args.overrides))
-    elif args.stage == "pretrain":
-        from training.pretrain import PretrainSettings, pretrain
-        out = pretrain(load_settings(PretrainSettings, args.config, args.overrides))
-    elif args.stage == "sft":
-        from training.sft import SFTSettings, sft
-        out = sft(load_settings(SFTSettings, args.config, args.overrides))
-    elif args.stage == "dpo":
-        from training.dpo import DPOSettings, dpo
-        out = dpo(load_settings(DPOSettings, args.config, args.overrides))
-    elif args.stage == "distill":
-        from training.distill import DistillSettings, distill
-        out = distill(load_settings(DistillSettings, args.config, args.overrides))
-    else:
-        from training.lora import MergeSettings, merge_adapter
-        out = merge_adapter(load_settings(MergeSettings, args.config, args.overrides))
+    module, settings, function = STAGES[args.stage]
+    stage = importlib.import_module(module)
+    out = getattr(stage, function)(load_settings(getattr(stage, settings), args.config, args.overrides))
     print(f"wrote {out}")
     return 0

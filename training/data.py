@@ -68,13 +68,19 @@ def token_stream(docs: list[str], tokenizer, bos_id: int | None) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.long)
 
 
-def shuffled_index(g: int, n: int, seed: int, cache: dict) -> int:
+class SampleOrder:
     """Which of n items global sample g is: epoch g // n visits all n in an order seeded by (seed, epoch)."""
-    epoch, i = divmod(g, n)
-    if cache.get("epoch") != epoch:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        cache.update(epoch=epoch, perm=torch.randperm(n, generator=generator))
-    return int(cache["perm"][i])
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def __call__(self, g: int) -> int:
+        epoch, i = divmod(g, self.n)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+        return int(self._perm[i])
 
 
 def read_conversations(patterns: list[str]) -> list[tuple[str, list[dict[str, str]]]]:
@@ -131,10 +137,10 @@ class PackedSamples:
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise ValueError(f"{len(tokens)} tokens do not fill one sequence of {seq_len}: add data or shorten seq_len")
-        self._order: dict = {}
+        self._order = SampleOrder(self.num_windows, seed)
 
     def window(self, g: int) -> torch.Tensor:
-        start = shuffled_index(g, self.num_windows, self.seed, self._order) * self.seq_len
+        start = self._order(g) * self.seq_len
         return self.tokens[start:start + self.seq_len + 1]
 
     def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.data import encode_conversation, expand, read_jsonl, shuffled_index
+from training.data import encode_conversation, expand, SampleOrder, read_jsonl
 from training.sft import FinetuneSettings, padded, saver, start_model
-from training.trainer import distributed, train
+from training.trainer import start_process, train
 
 
 @dataclass
@@ -62,10 +62,7 @@ def answer_logprobs(logits_of, rows, pad_id: int) -> torch.Tensor:
 
 
 def dpo(s: DPOSettings) -> Path:
-    distributed()
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
+    start_process(s)
     if not s.data:
         raise ValueError("setting data: give the JSONL preference pairs to train on")
     loaded, facts = start_model(s)
@@ -75,7 +72,7 @@ def dpo(s: DPOSettings) -> Path:
     pairs = encode_pairs(tokenizer, read_pairs(s.data), s.max_len)
     val = encode_pairs(tokenizer, read_pairs(s.val_data), s.max_len) if s.val_data else []
     pad = tokenizer.eos_token_id or 0
-    order: dict = {}
+    order = SampleOrder(len(pairs), s.seed)
 
     def logprobs(logits_of, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi, log ref) [2 * len(batch)]: chosen answers first, then rejected, all in one forward each."""
@@ -90,7 +87,7 @@ def dpo(s: DPOSettings) -> Path:
         return reward[:half] - reward[half:]
 
     def micro_loss(forward, first: int, size: int) -> torch.Tensor:
-        batch = [pairs[shuffled_index(first + i, len(pairs), s.seed, order)] for i in range(size)]
+        batch = [pairs[order(first + i)] for i in range(size)]
         return -F.logsigmoid(margins(*logprobs(forward, batch))).mean()
 
     def evaluate() -> dict:

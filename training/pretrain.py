@@ -13,7 +13,7 @@ from models.llama import LlamaForCausalLM
 from models.tokenizer import Tokenizer
 from training.checkpoint import save_pretrained
 from training.data import PackedSamples, read_documents, token_stream
-from training.trainer import TrainSettings, distributed, lr_at, train
+from training.trainer import TrainSettings, lr_at, start_process, train
 
 __all__ = ["PretrainSettings", "pretrain", "lr_at", "causal_lm_loss"]
 
@@ -72,10 +72,7 @@ def unigram_loss(train: torch.Tensor, val: torch.Tensor, vocab: int) -> float:
 def pretrain(s: PretrainSettings, batch_loss=causal_lm_loss, stage: str = "pretrain") -> Path:
     """Train from scratch; `batch_loss(forward, inputs, targets)` is next-token cross-entropy unless a stage
     (distill) brings its own."""
-    distributed()
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
+    world = start_process(s)
     tokenizer = Tokenizer.from_dir(s.tokenizer)
     tokens = token_stream(read_documents(s.data), tokenizer, tokenizer.bos_token_id)
     if s.val_data:
@@ -99,7 +96,7 @@ def pretrain(s: PretrainSettings, batch_loss=causal_lm_loss, stage: str = "pretr
 
     header = {"stage": stage, "train_tokens": len(train_tokens), "val_tokens": len(val_tokens),
               "unigram_val_loss": baseline, "unigram_val_ppl": math.exp(baseline),
-              "tokens_per_step": s.batch_size * s.grad_accum * s.seq_len * distributed()[0]}
+              "tokens_per_step": s.batch_size * s.grad_accum * s.seq_len * world}
     train(s, model, model.causal_logits, micro_loss, evaluate, lambda out: save_pretrained(model, s.tokenizer, out),
           header)
     return Path(s.out_dir)

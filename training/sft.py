@@ -12,10 +12,10 @@ import torch
 
 from models.loading import LoadedModel, load_model
 from training.checkpoint import check_vocab, save_pretrained
-from training.data import encode_conversation, read_conversations, shuffled_index
+from training.data import encode_conversation, read_conversations, SampleOrder
 from training.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_adapter
 from training.pretrain import causal_lm_loss
-from training.trainer import TrainSettings, distributed, train
+from training.trainer import TrainSettings, start_process, train
 
 
 @dataclass
@@ -106,10 +106,7 @@ def assistant_loss(logits_of, rows, pad_id: int, batch_size: int, batches: int |
 
 
 def sft(s: SFTSettings) -> Path:
-    distributed()
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
+    start_process(s)
     if not s.data:
         raise ValueError("setting data: give the JSONL conversations to train on")
     loaded, facts = start_model(s)
@@ -117,10 +114,10 @@ def sft(s: SFTSettings) -> Path:
     rows = encode_all(tokenizer, read_conversations(s.data), s.max_len)
     val = encode_all(tokenizer, read_conversations(s.val_data), s.max_len) if s.val_data else []
     pad = tokenizer.eos_token_id or 0
-    order: dict = {}
+    order = SampleOrder(len(rows), s.seed)
 
     def micro_loss(forward, first: int, size: int) -> torch.Tensor:
-        batch = [rows[shuffled_index(first + i, len(rows), s.seed, order)] for i in range(size)]
+        batch = [rows[order(first + i)] for i in range(size)]
         return causal_lm_loss(forward, *padded(batch, pad))
 
     def evaluate() -> dict:

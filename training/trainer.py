@@ -60,6 +60,16 @@ def distributed() -> tuple[int, int]:
     return world, rank
 
 
+def start_process(s: TrainSettings) -> int:
+    """What every stage does first: join the process group (under torchrun), set threads and the seed. Returns
+    the number of processes."""
+    world, _ = distributed()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    return world
+
+
 class Forward(torch.nn.Module):
     """What DDP wraps: the stage's trainable forward (for the model: token ids -> logits)."""
 
