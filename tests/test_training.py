@@ -1,9 +1,6 @@
 """Training stages at toy size: the tokenizer, pretraining (loss, exact resume, DDP = one process), and the
 checkpoint they write loading in transformers, our engine and the real server."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,7 +12,7 @@ from models.tokenizer import Tokenizer
 from training.data import PackedSamples, read_documents, read_jsonl
 from training.pretrain import PretrainSettings, lr_at, pretrain
 from training.settings import load_settings
-from tests.conftest import ROOT, TOY_CORPUS as CORPUS, TOY_MODEL as TOY
+from tests.conftest import TOY_CORPUS as CORPUS, TOY_MODEL as TOY, torchrun
 
 
 @pytest.fixture
@@ -99,13 +96,8 @@ def test_resumed_pretraining_continues_bit_identically(tokenizer_dir, tmp_path):
 @pytest.mark.slow
 def test_two_ddp_processes_follow_the_single_process_loss_curve(tokenizer_dir, tmp_path):
     single = pretrain(_settings(tokenizer_dir, tmp_path / "one", max_steps=6, grad_accum=2))
-    overrides = [f"{k}={v}" for k, v in {**TOY, "data": ",".join(CORPUS), "tokenizer": tokenizer_dir,
-                                          "out_dir": tmp_path / "two", "max_steps": 6, "threads": 1}.items()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "server.cli", "train", "pretrain", *overrides],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun("pretrain", {**TOY, "data": CORPUS, "tokenizer": tokenizer_dir, "out_dir": tmp_path / "two",
+                          "max_steps": 6})
     assert json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])["world_size"] == 2
     assert _losses(tmp_path / "two") == pytest.approx(_losses(single), rel=1e-5)
 

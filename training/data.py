@@ -148,9 +148,11 @@ class PackedSamples:
         return rows[:, :-1], rows[:, 1:]
 
     def in_order(self, size: int, limit: int | None = None):
-        """Batches of consecutive windows from the start, unshuffled (validation)."""
+        """Batches of windows in stream order, unshuffled (validation); with a limit of batches, windows evenly
+        spaced over the whole stream, so each held-out document has its share."""
         count = self.num_windows if limit is None else min(self.num_windows, limit * size)
+        windows = [i * self.num_windows // count for i in range(count)]
         for start in range(0, count, size):
             rows = torch.stack([self.tokens[w * self.seq_len:(w + 1) * self.seq_len + 1]
-                                for w in range(start, min(start + size, count))])
+                                for w in windows[start:start + size]])
             yield rows[:, :-1], rows[:, 1:]

@@ -1,7 +1,10 @@
 """Stage `dpo`: direct preference optimisation on JSONL pairs {"prompt": [messages] or "text", "chosen": "...",
 "rejected": "..."}. The policy starts from `model` (usually the SFT checkpoint), the reference is a frozen copy of
 it; loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))),
-log-probabilities summed over the answer's tokens. Reports held-out preference accuracy and reward margin."""
+log-probabilities summed over the answer's tokens. With nll_weight > 0 the chosen answers' mean token
+negative log-likelihood is added (RPO, TRL's rpo_alpha): it keeps the policy generating the chosen answers while
+the DPO term only widens the gap, which alone can lower both likelihoods. Reports held-out preference accuracy and
+reward margin."""
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from training.trainer import start_process, train
 class DPOSettings(FinetuneSettings):
     out_dir: str = "out/dpo"
     beta: float = 0.1
+    nll_weight: float = 0.0
     lr: float = 5e-5
     min_lr: float = 5e-6
 
@@ -52,13 +56,13 @@ def encode_pairs(tokenizer, pairs, max_len: int) -> list[tuple[tuple, tuple]]:
     return out
 
 
-def answer_logprobs(logits_of, rows, pad_id: int) -> torch.Tensor:
-    """Sum of log-probabilities of each row's answer tokens, one forward for all rows."""
+def answer_logprobs(logits_of, rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probabilities of each row's answer tokens, their count), one forward for all rows."""
     x, y = padded(rows, pad_id)
     logprobs = F.log_softmax(logits_of(x), dim=-1)
     mask = y != -100
     picked = logprobs.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+    return (picked * mask).sum(-1), mask.sum(-1)
 
 
 def dpo(s: DPOSettings) -> Path:
@@ -74,12 +78,14 @@ def dpo(s: DPOSettings) -> Path:
     pad = tokenizer.eos_token_id or 0
     order = SampleOrder(len(pairs), s.seed)
 
-    def logprobs(logits_of, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log pi, log ref) [2 * len(batch)]: chosen answers first, then rejected, all in one forward each."""
+    def logprobs(logits_of, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi, log ref, answer tokens) [2 * len(batch)]: chosen answers first, then rejected, in one forward
+        each."""
         rows = [c for c, _ in batch] + [r for _, r in batch]
         with torch.no_grad():
-            ref = answer_logprobs(reference.causal_logits, rows, pad)
-        return answer_logprobs(logits_of, rows, pad), ref
+            ref, _ = answer_logprobs(reference.causal_logits, rows, pad)
+        policy_lp, count = answer_logprobs(logits_of, rows, pad)
+        return policy_lp, ref, count
 
     def margins(policy_lp: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
         reward = s.beta * (policy_lp - ref_lp)
@@ -88,14 +94,18 @@ def dpo(s: DPOSettings) -> Path:
 
     def micro_loss(forward, first: int, size: int) -> torch.Tensor:
         batch = [pairs[order(first + i)] for i in range(size)]
-        return -F.logsigmoid(margins(*logprobs(forward, batch))).mean()
+        policy_lp, ref_lp, count = logprobs(forward, batch)
+        loss = -F.logsigmoid(margins(policy_lp, ref_lp)).mean()
+        if s.nll_weight:
+            loss = loss + s.nll_weight * (-policy_lp[:size] / count[:size]).mean()
+        return loss
 
     def evaluate() -> dict:
         if not val:
             return {}
         margin, prefers = [], []
         for i in range(0, len(val), s.batch_size):
-            policy_lp, ref_lp = logprobs(policy.causal_logits, val[i:i + s.batch_size])
+            policy_lp, ref_lp, _ = logprobs(policy.causal_logits, val[i:i + s.batch_size])
             margin.append(margins(policy_lp, ref_lp))
             half = len(policy_lp) // 2
             prefers.append(policy_lp[:half] > policy_lp[half:])
@@ -106,6 +116,7 @@ def dpo(s: DPOSettings) -> Path:
             (margin > 0).float().mean()), "val_margin": float(margin.mean()),
                 "val_prefers_chosen": float(prefers.float().mean())}
 
-    header = {"stage": "dpo", **facts, "beta": s.beta, "pairs": len(pairs), "val_pairs": len(val)}
+    header = {"stage": "dpo", **facts, "beta": s.beta, "nll_weight": s.nll_weight, "pairs": len(pairs),
+              "val_pairs": len(val)}
     train(s, policy, policy.causal_logits, micro_loss, evaluate, saver(s, loaded), header)
     return Path(s.out_dir)
