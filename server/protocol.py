@@ -157,6 +157,12 @@ class StructuredOutputsRequest(_Request):
     structural_tag: dict[str, Any] | str | None = None
 
 
+class RagRequest(_Request):
+    """tokenmill's `rag` extra (the server must run with --rag-index): ground the answer in retrieved chunks."""
+    top_k: int = Field(default=4, ge=1, le=20)
+    query: str | None = Field(default=None, min_length=1)  # default: the last user message
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -169,6 +175,12 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
+    rag: RagRequest | None = None  # true: the defaults
+
+    @field_validator("rag", mode="before")
+    @classmethod
+    def _rag_flag(cls, value: Any) -> Any:
+        return {} if value is True else None if value is False else value
 
 
 class CompletionRequest(_SamplingFields):
@@ -292,6 +304,32 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class EmbeddingRequest(_Request):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: the little-endian float32 bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -163,11 +163,34 @@ class RunningServer:
         return self.proc.returncode
 
 
+# documents whose facts no model knows, for the retrieval tests
+RAG_DOCS = {
+    "rivers.md": "# Rivers of Zorbland\n\nThe Zorblat river is 412 kilometres long and floods every May.\n\n"
+                 "## Delta\n\nIts delta holds three fishing towns: Orb, Quill and Sarn.\n",
+    "mountains.rst": "Mountains\n=========\n\nMount Qel, the highest peak of Zorbland, is 5120 metres high.\n",
+    "food.html": "<h1>Food</h1><p>The national dish of Zorbland is smoked eel with barley.</p>",
+}
+
+
 @pytest.fixture(scope="session")
-def server():
-    """The default SmolLM2 model served with an API key; shared by all server tests."""
+def rag_index(tmp_path_factory) -> Path:
+    """An index of RAG_DOCS built by `tokenmill rag index`."""
+    docs = tmp_path_factory.mktemp("zorbland")
+    for name, text in RAG_DOCS.items():
+        (docs / name).write_text(text)
+    out = tmp_path_factory.mktemp("index") / "zorb"
+    run = subprocess.run([sys.executable, "-m", "server.cli", "rag", "index", str(docs), "--out", str(out),
+                          "--max-tokens", "64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "4 chunks from 3 files (3 added" in run.stdout, run.stdout
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(rag_index):
+    """The default SmolLM2 model served with an API key, embeddings and a rag index; shared by all server tests."""
     running = RunningServer("default", "--served-model-name", "smollm2", "--max-model-len", "2048",
-                            "--kv-cache-memory", "512MiB")
+                            "--kv-cache-memory", "512MiB", "--rag-index", str(rag_index))
     yield running
     running.stop()
 

@@ -167,7 +167,7 @@ def test_content_as_text_parts_equals_plain_string(openai_client):
 
 
 def test_models_health_version_and_openapi(server, openai_client):
-    assert [m.id for m in openai_client.models.list().data] == [MODEL]
+    assert [m.id for m in openai_client.models.list().data] == [MODEL, "all-MiniLM-L6-v2"]  # chat, embeddings
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     assert httpx.get(f"{server.base_url}/version").json()["version"]
     paths = httpx.get(f"{server.base_url}/openapi.json").json()["paths"]

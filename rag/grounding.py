@@ -1,0 +1,57 @@
+"""Retrieved chunks into a chat: a system message with a grounding instruction and the numbered sources, and the
+citations that come back with the answer (each chunk's source, offsets, score and text; which of them the answer
+cites by number)."""
+import re
+from dataclasses import dataclass
+
+from rag.index import Hit
+
+INSTRUCTION = ("Answer the question using the numbered sources below. Quote the facts you use from them and cite "
+               "each one by its number in brackets, like [1]. If the sources do not hold the answer, say so.")
+
+
+@dataclass
+class RagOptions:
+    top_k: int = 4
+    query: str | None = None  # what to search for; default: the last user message
+    max_chars: int = 1500  # of each source's text put into the prompt
+
+
+def last_user_text(messages: list[dict]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: the text ones
+                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if isinstance(content, str) and content.strip():
+                return content
+    raise ValueError("rag: there is no user message to search for; give rag.query")
+
+
+def ground(messages: list[dict], hits: list[Hit], max_chars: int = 1500) -> list[dict]:
+    """The messages with the sources put in front: one system message, merged with the request's own if any."""
+    sources = "\n\n".join(f"[{n}] ({hit.chunk.title or hit.chunk.source})\n{hit.chunk.text[:max_chars]}"
+                          for n, hit in enumerate(hits, 1))
+    system = f"{INSTRUCTION}\n\nSources:\n\n{sources}" if hits else \
+        "No source matched the question: say that you found nothing to answer from."
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{system}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
+
+
+def cited_numbers(answer: str, count: int) -> list[int]:
+    """Source numbers the answer cites as [n] (also [1, 2] and [1][2]), in order of first use, within 1..count."""
+    found = []
+    for group in re.findall(r"\[(\d+(?:\s*,\s*\d+)*)\]", answer):
+        for n in map(int, re.split(r"\s*,\s*", group)):
+            if 1 <= n <= count and n not in found:
+                found.append(n)
+    return found
+
+
+def citations(hits: list[Hit], answer: str | None = None) -> list[dict]:
+    """One entry per source given to the model; `cited` says whether the answer refers to it."""
+    cited = set(cited_numbers(answer, len(hits))) if answer is not None else set()
+    return [{"number": n, "source": hit.chunk.source, "start": hit.chunk.start, "end": hit.chunk.end,
+             "title": hit.chunk.title, "score": round(hit.score, 4), "text": hit.chunk.text, "cited": n in cited}
+            for n, hit in enumerate(hits, 1)]

