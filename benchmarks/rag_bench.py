@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLM, SamplingParams  # noqa: E402
 from models.bert import SentenceEncoder  # noqa: E402
 from rag.chunker import ChunkSettings, read_document  # noqa: E402
-from rag.grounding import cited_numbers, ground  # noqa: E402
+from rag.grounding import attributed, cited_numbers, citations, ground  # noqa: E402
 from rag.index import Index  # noqa: E402
 from training.sources import faq_pairs, rst_plain  # noqa: E402
 
@@ -66,24 +66,27 @@ def end_to_end(index: Index, docs: Path, k: int) -> dict:
         [ground([{"role": "user", "content": r["question"]}], h) for r, h in zip(rows, hits)], params,
         use_tqdm=False)]
     right = lambda text, row: re.search(row["accept"], text, re.I) is not None  # noqa: E731
-    citations = exact = holding = answers_citing = fact_retrieved = 0
-    examples = []
+    cited = dict(own=0, answers=0, total=0, exact=0, quoted=0, holding=0)
+    fact_retrieved, examples = 0, []
     for row, h, answer in zip(rows, hits, grounded):
-        numbers = cited_numbers(answer, len(h))
-        answers_citing += bool(numbers)
+        cited["own"] += bool(cited_numbers(answer, len(h)))
+        marked = attributed(answer, h)  # what the server returns: the model's marks, or those of what it quotes
+        cited["answers"] += bool(cited_numbers(marked, len(h)))
         evidence = " ".join(row["evidence"].split())
         fact_retrieved += any(evidence in " ".join(x.chunk.text.split()) for x in h)
-        for n in numbers:
-            chunk = h[n - 1].chunk
-            citations += 1
-            exact += read_document(Path(chunk.source))[chunk.start:chunk.end] == chunk.text
-            holding += evidence in " ".join(chunk.text.split())
+        for c in citations(h, marked):
+            if not c["cited"]:
+                continue
+            at_offsets = read_document(Path(c["source"]))[c["start"]:c["end"]]
+            cited["total"] += 1
+            cited["exact"] += at_offsets == c["text"]
+            cited["quoted"] += bool(c["quotes"]) and all(q in at_offsets for q in c["quotes"])
+            cited["holding"] += evidence in " ".join(c["text"].split())
         if len(examples) < 4:
-            examples.append((row["question"], answer.strip()))
+            examples.append((row["question"], marked.strip()))
     return {"questions": len(rows), "plain_right": sum(right(a, r) for a, r in zip(plain, rows)),
             "rag_right": sum(right(a, r) for a, r in zip(grounded, rows)), "fact_retrieved": fact_retrieved,
-            "answers_citing": answers_citing, "citations": citations, "citations_exact": exact,
-            "citations_holding_fact": holding, "examples": examples}
+            "cited": cited, "examples": examples}
 
 
 def main() -> None:
@@ -121,18 +124,20 @@ def main() -> None:
     for settings, count, seconds, s in table:
         lines.append(f"| {label(settings)} | {count} | {seconds:.0f} | {s['recall@1']:.3f} | {s['recall@5']:.3f} | "
                      f"{s['mrr@10']:.3f} |")
-    q = e2e["questions"]
+    q, c = e2e["questions"], e2e["cited"]
     lines += ["", f"## End to end: {q} questions on facts the indexed docs state, default model (SmolLM2-135M-"
               f"Instruct), temperature 0, top {args.top_k} chunks ({label(ChunkSettings())})", "",
               "| | count |", "|---|---|",
               f"| answers with the right fact, without rag | {e2e['plain_right']} / {q} |",
               f"| answers with the right fact, with rag | {e2e['rag_right']} / {q} |",
               f"| questions whose fact sentence was among the retrieved chunks | {e2e['fact_retrieved']} / {q} |",
-              f"| rag answers that cite a source by number | {e2e['answers_citing']} / {q} |",
-              f"| citations whose offsets give back the cited chunk's text | {e2e['citations_exact']} / "
-              f"{e2e['citations']} |",
-              f"| citations whose chunk holds the fact's sentence | {e2e['citations_holding_fact']} / "
-              f"{e2e['citations']} |", "", "Examples (with rag):", ""]
+              f"| rag answers in which the model itself cites a source as [n] | {c['own']} / {q} |",
+              f"| rag answers that cite a source, with the server's marks for quoted sources | {c['answers']} / {q} |",
+              f"| citations whose offsets give back the cited chunk's text | {c['exact']} / {c['total']} |",
+              f"| citations whose quotes (the answer's words, 4+ in a row) stand in the chunk at those offsets | "
+              f"{c['quoted']} / {c['total']} |",
+              f"| citations whose chunk holds the fact's sentence | {c['holding']} / {c['total']} |", "",
+              "Examples (with rag):", ""]
     lines += [f"- {question} → {answer!r}" for question, answer in e2e["examples"]]
     text = "\n".join(lines) + "\n"
     print(text)

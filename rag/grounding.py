@@ -49,9 +49,51 @@ def cited_numbers(answer: str, count: int) -> list[int]:
     return found
 
 
+def quotes(answer: str, text: str, min_words: int = 4) -> list[str]:
+    """Passages of `text` that the answer reproduces: maximal runs of at least `min_words` words in the same order
+    (case and punctuation aside), each returned as it stands in `text`."""
+    words_a = [w.lower() for w in re.findall(r"\w+", answer)]
+    spans_t = [(m.start(), m.end(), m.group().lower()) for m in re.finditer(r"\w+", text)]
+    # run[j] = length of the common run ending at answer word i and text word j (dynamic programming, row by row)
+    best: dict[int, int] = {}  # text end word -> run length, for runs that cannot be extended
+    previous = [0] * (len(spans_t) + 1)
+    for i in range(len(words_a)):
+        current = [0] * (len(spans_t) + 1)
+        for j, (_, _, word) in enumerate(spans_t):
+            if word == words_a[i]:
+                current[j + 1] = previous[j] + 1
+                if current[j + 1] >= min_words:
+                    best[j] = max(best.get(j, 0), current[j + 1])
+        previous = current
+    found, covered_to = [], -1
+    for end in sorted(best):
+        start = end - best[end] + 1
+        if end + 1 in best and best[end + 1] > best[end]:
+            continue  # the same run goes on
+        if start <= covered_to:
+            continue
+        found.append(text[spans_t[start][0]:spans_t[end][1]])
+        covered_to = end
+    return found
+
+
+def attributed(answer: str, hits: list[Hit], min_words: int = 4) -> str:
+    """The answer with citation marks: as the model wrote them, or, when it wrote none, the numbers of the sources
+    it quotes (at least `min_words` words in a row) appended."""
+    if cited_numbers(answer, len(hits)):
+        return answer
+    numbers = [n for n, hit in enumerate(hits, 1) if quotes(answer, hit.chunk.text, min_words)]
+    if not numbers:
+        return answer
+    # appended, never inserted, so a stream can send the marks after the text it has already sent
+    return answer + ("" if answer[-1:].isspace() else " ") + "".join(f"[{n}]" for n in numbers)
+
+
 def citations(hits: list[Hit], answer: str | None = None) -> list[dict]:
-    """One entry per source given to the model; `cited` says whether the answer refers to it."""
+    """One entry per source given to the model: where its text is, `cited` whether the answer refers to it by
+    number, and `quotes`, the passages of it the answer reproduces."""
     cited = set(cited_numbers(answer, len(hits))) if answer is not None else set()
     return [{"number": n, "source": hit.chunk.source, "start": hit.chunk.start, "end": hit.chunk.end,
-             "title": hit.chunk.title, "score": round(hit.score, 4), "text": hit.chunk.text, "cited": n in cited}
+             "title": hit.chunk.title, "score": round(hit.score, 4), "text": hit.chunk.text, "cited": n in cited,
+             "quotes": quotes(answer, hit.chunk.text) if answer else []}
             for n, hit in enumerate(hits, 1)]

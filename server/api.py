@@ -25,7 +25,7 @@ from server.errors import APIError, BodySizeLimit, ClientDisconnected, error_res
 from server.metrics import Metrics
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                              EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelCard, ModelList, random_id)
-from server.retrieval import Retrieval, with_citations
+from server.retrieval import Retrieval, cited_response, cited_stream
 
 logger = logging.getLogger(__name__)
 
@@ -182,13 +182,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             events = reply.stream(_chain(first, outputs), usage)
-            return _sse(events if hits is None else _cited_stream(events, hits))
+            return _sse(events if hits is None else cited_stream(events, hits))
         final = await _unless_disconnected(request, _final_outputs(_chain(first, outputs)))
         body = reply.response(final[0])
         if hits is None:
             return body
         # the extra field would not survive response_model
-        return JSONResponse(with_citations(body, hits, body["choices"][0]["message"].get("content") or ""))
+        return JSONResponse(cited_response(body, hits))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS,
               dependencies=[Depends(authorized)])
@@ -330,20 +330,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def _disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":  # the body is already read: only this is left
         pass
-
-
-async def _cited_stream(events: AsyncIterator[dict | str], hits) -> AsyncIterator[dict | str]:
-    """The first chunk carries the sources; the chunk that finishes choice 0 carries them again with the ones its
-    answer cites."""
-    answer, first = "", True
-    async for event in events:
-        choices = event.get("choices") if isinstance(event, dict) else None
-        if choices:
-            answer += "".join(c["delta"].get("content") or "" for c in choices if c["index"] == 0)
-            if first or any(c["index"] == 0 and c.get("finish_reason") for c in choices):
-                event = with_citations(event, hits, answer)
-                first = False
-        yield event
 
 
 async def _chain(first, rest: AsyncIterator) -> AsyncIterator:

@@ -5,12 +5,13 @@ import asyncio
 import base64
 import logging
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from models.bert import SentenceEncoder
-from rag.grounding import RagOptions, citations, ground, last_user_text
+from rag.grounding import RagOptions, attributed, citations, ground, last_user_text
 from rag.index import Hit, Index
 from server.errors import APIError
 from server.protocol import EmbeddingRequest
@@ -86,6 +87,34 @@ class Retrieval:
             return self.index.search([query], k)[0]
 
 
-def with_citations(body: dict, hits: list[Hit], answer: str) -> dict:
-    """A chat response (or a stream chunk) with the sources the model was given and which ones `answer` cites."""
-    return {**body, "citations": citations(hits, answer)}
+def cited_response(body: dict, hits: list[Hit]) -> dict:
+    """A chat response with citation marks in each answer (rag.grounding.attributed) and the `citations` field,
+    which follows the first choice."""
+    for choice in body["choices"]:
+        if choice["message"].get("content"):
+            choice["message"]["content"] = attributed(choice["message"]["content"], hits)
+    return {**body, "citations": citations(hits, body["choices"][0]["message"].get("content") or "")}
+
+
+async def cited_stream(events: AsyncIterator[dict | str], hits: list[Hit]) -> AsyncIterator[dict | str]:
+    """The first chunk carries the sources; the chunk that finishes choice 0 gets its citation marks (if the
+    server adds them) and carries the sources again, with the ones the answer cites and quotes."""
+    answer, first = "", True
+    async for event in events:
+        choices = event.get("choices") if isinstance(event, dict) else None
+        if choices:
+            for c in choices:
+                if c["index"] != 0:
+                    continue
+                answer += c["delta"].get("content") or ""
+                if c.get("finish_reason"):
+                    marks = attributed(answer, hits)[len(answer):]
+                    if marks:
+                        c["delta"]["content"] = (c["delta"].get("content") or "") + marks
+                        answer += marks
+                    event = {**event, "citations": citations(hits, answer)}
+                    first = False
+            if first:
+                event = {**event, "citations": citations(hits)}
+                first = False
+        yield event
