@@ -38,7 +38,7 @@ def workload(tokenizer, n: int, prompt_range: tuple[int, int], output_range: tup
 
 
 def run_tokenmill(args, requests) -> tuple[float, int]:
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, quantization=args.quantization)
     llm.generate([requests[0][0]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in requests]
     start = time.perf_counter()
@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", help="comma-separated batch limits (tokenmill max_num_seqs = transformers "
                                         "batch size), e.g. 1,8,32; writes a PNG next to --out")
+    parser.add_argument("--int8", action="store_true", help="also run tokenmill with its int8 output head "
+                                                             "(quantization='int8', CPU)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "offline_cpu.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,20 +114,27 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
 
     limits = [int(v) for v in args.sweep.split(",")] if args.sweep else [None]
-    rows, points = [], {"tokenmill": [], "transformers": []}
+    variants = [("tokenmill", None)] + ([("tokenmill int8", "int8")] if args.int8 else [])
+    rows, points = [], {name: [] for name, _ in variants} | {"transformers": []}
+    ratios: dict[str, list[str]] = {name: [] for name, _ in variants}
     for limit in limits:
         args.max_num_seqs = limit or 256
         if limit:
             args.hf_batch_size = limit
-        for system, name, fn in (
-                ("tokenmill", f"tokenmill (continuous batching, {args.max_num_seqs} seqs)", run_tokenmill),
-                ("transformers", f"transformers (static batches of {args.hf_batch_size})", run_transformers)):
+        rates = {}
+        runs = [(system, f"{system} (continuous batching, {args.max_num_seqs} seqs)", run_tokenmill, q)
+                for system, q in variants]
+        runs.append(("transformers", f"transformers (static batches of {args.hf_batch_size})", run_transformers, None))
+        for system, name, fn, quantization in runs:
+            args.quantization = quantization
             elapsed, tokens = fn(args, requests)
             rows.append((name, tokens, elapsed, tokens / elapsed))
             points[system].append((limit, tokens / elapsed))
+            rates[system] = tokens / elapsed
             print(f"{name}: {tokens} output tokens in {elapsed:.1f} s = {tokens / elapsed:.1f} tok/s", flush=True)
-    ratios = [rows[i][3] / rows[i + 1][3] for i in range(0, len(rows), 2)]
-    ratio_text = ", ".join(f"{r:.2f}x" + (f" at {lim}" if lim else "") for r, lim in zip(ratios, limits))
+        for system, _ in variants:
+            ratios[system].append(f"{rates[system] / rates['transformers']:.2f}x" + (f" at {limit}" if limit else ""))
+    ratio_text = "; ".join(f"{system} / transformers = {', '.join(r)}" for system, r in ratios.items())
 
     prompt_tokens = sum(len(p) for p, _ in requests)
     lines = [
@@ -141,7 +150,7 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| {n} | {t} | {e:.1f} | {r:.1f} |" for n, t, e, r in rows],
         "",
-        f"**tokenmill / transformers = {ratio_text}**",
+        f"**{ratio_text}**",
         "",
         "Command: `.venv/bin/python benchmarks/offline_throughput.py " + " ".join(sys.argv[1:]) + "`",
         "",

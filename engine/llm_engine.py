@@ -43,7 +43,7 @@ class LLMEngine:
         if device.type == "cpu":
             keep_freed_memory_mapped()
         backend = get_backend(config.attention_backend, device)  # before loading: a bad choice fails fast
-        loaded = load_model(config.model, config.dtype, device)
+        loaded = load_model(config.model, config.dtype, device, config.quantization)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = set(loaded.config.eos_token_ids) | set(loaded.tokenizer.eos_token_ids)

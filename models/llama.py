@@ -171,8 +171,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, meta.backend, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
 
     def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] for a batch of whole sequences [B, T] (training, scoring)."""

@@ -11,6 +11,7 @@ from models.config import ModelConfig
 from models.gguf_loader import gguf_to_hf_config, gguf_weights, open_gguf
 from models.hf_loader import hf_config, hf_weights
 from models.llama import LlamaForCausalLM, RotaryEmbedding
+from models.quantize import QUANTIZATIONS, quantize_int8
 from models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-def load_model(name: str | None, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(name: str | None, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               quantization: str | None = None) -> LoadedModel:
     start = time.perf_counter()
     path = resolve_model_path(name)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization and dtype == "auto":
+        torch_dtype = torch.float32  # int8 kernels take float32 activations
+    if quantization and torch_dtype != torch.float32:
+        raise ValueError(f"quantization={quantization!r} works on float32 activations, not dtype {dtype!r}")
     if path.is_dir():
         hf_cfg = hf_config(path)
         config = ModelConfig.from_hf(hf_cfg)  # rejects unknown architectures before reading any weight
@@ -88,9 +96,11 @@ def load_model(name: str | None, dtype: str | torch.dtype = "auto", device: str 
     model = model.to_empty(device=device)
     model.load_weights(weights)
     model = model.to(torch_dtype).eval().requires_grad_(False)
+    if quantization == "int8":
+        model = quantize_int8(model, device)
     model.rope = RotaryEmbedding(config).to(device)  # float32 tables; buffers are not in the checkpoint
-    logger.info("loaded %s (%s, %d layers, %s) in %.1f s", path.name, config.architecture, config.num_layers,
-                torch_dtype, time.perf_counter() - start)
+    logger.info("loaded %s (%s, %d layers, %s%s) in %.1f s", path.name, config.architecture, config.num_layers,
+                torch_dtype, f", {quantization} weights" if quantization else "", time.perf_counter() - start)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path)
 
 

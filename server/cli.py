@@ -25,6 +25,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="do not reuse the KV blocks of prompts that start alike")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"],
                    help="kernels for attention and fused ops: auto = Triton on CUDA, plain torch on CPU")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="int8 output head on CPU (fbgemm): faster decoding, but logits may change with the "
+                        "batch (the float32 default's never do)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -32,7 +35,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
                         attention_backend=args.attention_backend,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=args.enable_prefix_caching)
+                        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,7 +98,8 @@ def _chat(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching)
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
+              quantization=args.quantization)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:
