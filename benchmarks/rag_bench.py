@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLM, SamplingParams  # noqa: E402
 from models.bert import SentenceEncoder  # noqa: E402
 from rag.chunker import ChunkSettings, read_document  # noqa: E402
-from rag.grounding import attributed, cited_numbers, citations, ground  # noqa: E402
+from rag.grounding import cite, cited_numbers, ground  # noqa: E402
 from rag.index import Index  # noqa: E402
 from training.sources import faq_pairs, rst_plain  # noqa: E402
 
@@ -70,11 +70,11 @@ def end_to_end(index: Index, docs: Path, k: int) -> dict:
     fact_retrieved, examples = 0, []
     for row, h, answer in zip(rows, hits, grounded):
         cited["own"] += bool(cited_numbers(answer, len(h)))
-        marked = attributed(answer, h)  # what the server returns: the model's marks, or those of what it quotes
+        marked, listed = cite(answer, h)  # what the server returns: the model's marks, or those of what it quotes
         cited["answers"] += bool(cited_numbers(marked, len(h)))
         evidence = " ".join(row["evidence"].split())
         fact_retrieved += any(evidence in " ".join(x.chunk.text.split()) for x in h)
-        for c in citations(h, marked):
+        for c in listed:
             if not c["cited"]:
                 continue
             at_offsets = read_document(Path(c["source"]))[c["start"]:c["end"]]

@@ -127,22 +127,29 @@ class SentenceEncoder:
         self.model.load_hf_weights(load_file(self.path / "model.safetensors"))
         self.batch_size = batch_size
         self.dimension = self.config.hidden_size
-        self.name = self.path.parent.name if self.path.name == "model" else self.path.name
+        self.name = "all-MiniLM-L6-v2" if self.path.parent.name == DEFAULT_EMBEDDING_PACKAGE else self.path.name
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model would read, [CLS] and [SEP] included, before truncation."""
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids) + 2
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], progress: bool = False) -> torch.Tensor:
+        return self.embed(texts, progress)[0]
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """(vectors, the tokens each text took after truncation, [CLS] and [SEP] included)."""
         from tqdm import tqdm
         # sorted by length so each batch pads little; the output keeps the input order
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.dimension)
+        tokens = [0] * len(texts)
         for start in tqdm(range(0, len(texts), self.batch_size), disable=not progress, desc="embedding",
                           unit="batch"):
             chunk = order[start:start + self.batch_size]
             encoded = self.tokenizer.encode_batch([texts[i] for i in chunk])
+            for i, e in zip(chunk, encoded):
+                tokens[i] = len(e.ids)
             width = max(len(e.ids) for e in encoded)
             ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encoded])
             mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encoded])
@@ -152,4 +159,4 @@ class SentenceEncoder:
             else:
                 vectors = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
             out[chunk] = F.normalize(vectors, dim=-1) if self.normalize else vectors
-        return out
+        return out, tokens

@@ -77,23 +77,25 @@ def quotes(answer: str, text: str, min_words: int = 4) -> list[str]:
     return found
 
 
+def cite(answer: str, hits: list[Hit], min_words: int = 4) -> tuple[str, list[dict]]:
+    """(the answer with citation marks, the citations). The marks are the model's own, or, when it wrote none,
+    the numbers of the sources it quotes (at least `min_words` words in a row) appended. Each citation says where
+    its source's text is, whether the answer `cited` it by number, and the `quotes` of it the answer reproduces."""
+    found = [quotes(answer, hit.chunk.text, min_words) for hit in hits]
+    marked = answer
+    if answer and not cited_numbers(answer, len(hits)) and any(found):
+        # appended, never inserted, so a stream can send the marks after the text it has already sent
+        marked += ("" if answer[-1:].isspace() else " ") + "".join(f"[{n}]" for n, q in enumerate(found, 1) if q)
+    cited = set(cited_numbers(marked, len(hits)))
+    return marked, [{"number": n, "source": hit.chunk.source, "start": hit.chunk.start, "end": hit.chunk.end,
+                     "title": hit.chunk.title, "score": round(hit.score, 4), "text": hit.chunk.text,
+                     "cited": n in cited, "quotes": q} for n, (hit, q) in enumerate(zip(hits, found), 1)]
+
+
 def attributed(answer: str, hits: list[Hit], min_words: int = 4) -> str:
-    """The answer with citation marks: as the model wrote them, or, when it wrote none, the numbers of the sources
-    it quotes (at least `min_words` words in a row) appended."""
-    if cited_numbers(answer, len(hits)):
-        return answer
-    numbers = [n for n, hit in enumerate(hits, 1) if quotes(answer, hit.chunk.text, min_words)]
-    if not numbers:
-        return answer
-    # appended, never inserted, so a stream can send the marks after the text it has already sent
-    return answer + ("" if answer[-1:].isspace() else " ") + "".join(f"[{n}]" for n in numbers)
+    return cite(answer, hits, min_words)[0]
 
 
 def citations(hits: list[Hit], answer: str | None = None) -> list[dict]:
-    """One entry per source given to the model: where its text is, `cited` whether the answer refers to it by
-    number, and `quotes`, the passages of it the answer reproduces."""
-    cited = set(cited_numbers(answer, len(hits))) if answer is not None else set()
-    return [{"number": n, "source": hit.chunk.source, "start": hit.chunk.start, "end": hit.chunk.end,
-             "title": hit.chunk.title, "score": round(hit.score, 4), "text": hit.chunk.text, "cited": n in cited,
-             "quotes": quotes(answer, hit.chunk.text) if answer else []}
-            for n, hit in enumerate(hits, 1)]
+    """The citations alone (before the answer is known: the sources, none cited or quoted)."""
+    return cite(answer or "", hits)[1]

@@ -81,10 +81,11 @@ class Index:
         if manifest.get("dimension") != encoder.dimension:
             raise ValueError(f"{path}: built with {manifest.get('embedding_model')!r} ({manifest.get('dimension')} "
                              f"dimensions), but the embedding model {encoder.name!r} has {encoder.dimension}")
-        if manifest.get("fingerprint") != fingerprint(encoder):
+        ours = fingerprint(encoder)
+        if manifest.get("fingerprint") != ours:
             raise ValueError(f"{path}: built with another embedding model ({manifest.get('embedding_model')!r}, "
-                             f"fingerprint {manifest.get('fingerprint')}) than {encoder.name!r} "
-                             f"({fingerprint(encoder)}); rebuild it or serve with that model")
+                             f"fingerprint {manifest.get('fingerprint')}) than {encoder.name!r} ({ours}); "
+                             "rebuild it or serve with that model")
         index = cls(path, encoder, ChunkSettings(**manifest["chunking"]))
         try:
             index.vectors = faiss.read_index(str(path / "vectors.faiss"))
@@ -109,7 +110,7 @@ class Index:
         for source in [s for s in self.files if s not in wanted]:
             self._drop(source)
             counts["dropped"] += 1
-        new_chunks: list[tuple[str, str, list[Chunk]]] = []
+        flat: list[Chunk] = []
         for doc in docs:
             raw = doc.read_bytes()
             digest = hashlib.sha256(raw).hexdigest()
@@ -119,20 +120,16 @@ class Index:
                 continue
             counts["changed" if source in self.files else "added"] += 1
             self._drop(source)
-            new_chunks.append((source, digest, chunk_text(read_document(doc), source, self.encoder.count_tokens,
-                                                          self.chunking)))
-        flat = [c for _, _, chunks in new_chunks for c in chunks]
+            chunks = chunk_text(read_document(doc), source, self.encoder.count_tokens, self.chunking)
+            first = self.next_id + len(flat)  # each file's chunks take consecutive ids
+            self.files[source] = {"sha256": digest, "ids": [first, first + len(chunks)]}
+            flat += chunks
         if flat:
             vectors = self.encoder.encode([c.embedding_text(self.chunking.with_title) for c in flat], progress)
             ids = np.arange(self.next_id, self.next_id + len(flat), dtype=np.int64)
             self.vectors.add_with_ids(vectors.numpy(), ids)
-            for i, c in zip(ids.tolist(), flat):
-                self.chunks[i] = c
+            self.chunks.update(zip(ids.tolist(), flat))
             self.next_id += len(flat)
-        start = int(ids[0]) if flat else 0
-        for source, digest, chunks in new_chunks:
-            self.files[source] = {"sha256": digest, "ids": [start, start + len(chunks)]}
-            start += len(chunks)
         return counts
 
     def _drop(self, source: str) -> None:

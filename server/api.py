@@ -142,7 +142,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def models(engine: AsyncEngine = Depends(ready)):
         cards = [ModelCard(id=settings.served_model_name, max_model_len=engine.engine.max_model_len)]
         if state.retrieval is not None:
-            cards.append(ModelCard(id=state.retrieval.model_name, max_model_len=state.retrieval.encoder.max_tokens))
+            cards.append(ModelCard(id=state.retrieval.encoder.name, max_model_len=state.retrieval.encoder.max_tokens))
         return ModelList(data=cards)
 
     def retrieval() -> Retrieval:

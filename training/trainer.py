@@ -142,7 +142,7 @@ def train(s: TrainSettings, model: torch.nn.Module, forward: Callable,
                   "seconds": time.perf_counter() - start}
         if header.get("tokens_per_step"):
             record["tok_s"] = header["tokens_per_step"] / record["seconds"]
-        if step % s.eval_every == 0 or step == s.max_steps:
+        if rank == 0 and (step % s.eval_every == 0 or step == s.max_steps):
             model.eval()
             with torch.no_grad():
                 record.update(evaluate())
