@@ -46,8 +46,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         else:
             ki, vi = _gather(k_cache, block_tables[i], ctx), _gather(v_cache, block_tables[i], ctx)
             # query row r sits at position ctx - n_q + r and sees keys up to and including that position
-            q_pos = torch.arange(ctx - n_q, ctx).unsqueeze(1)
-            mask, causal = torch.arange(ctx).unsqueeze(0) <= q_pos, False
+            q_pos = torch.arange(ctx - n_q, ctx, device=q.device).unsqueeze(1)
+            mask, causal = torch.arange(ctx, device=q.device).unsqueeze(0) <= q_pos, False
         ki, vi = ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=causal, scale=scale,
                                            enable_gqa=True)
