@@ -17,6 +17,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.structured_output import Grammars
 from kernels import get_backend
+from models.cpu_linear import use_cpu_linears
 from models.loading import load_model
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class LLMEngine:
         self.eos_token_ids = set(loaded.config.eos_token_ids) | set(loaded.tokenizer.eos_token_ids)
         self.vocab_size = loaded.config.vocab_size
         dtype = next(loaded.model.parameters()).dtype
+        if device.type == "cpu" and dtype == torch.float32 and backend.name == "torch":
+            use_cpu_linears(loaded.model)  # faster small-batch products (models/cpu_linear.py)
         num_blocks = self._num_blocks(config, device, dtype)
         self.max_model_len = self._max_model_len(config, num_blocks)
         # the prefill chunk size: small on CPU, where a 512-token chunk already keeps the cores busy and

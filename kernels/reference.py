@@ -109,7 +109,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """RMSNorm over the last dim. With `residual`: first residual = x + residual, then normalise that, and return
     (normalised, new residual), the pre-norm residual stream of a decoder layer."""
     if residual is not None:
-        residual = x + residual
+        # residual first: the sum takes the layout of its first operand, and x may be a transposed view
+        # (models/cpu_linear.py) on which the norm runs 2x slower
+        residual = residual + x
         return F.rms_norm(residual, weight.shape, weight, eps=eps), residual
     # one fused op that accumulates in float32
     return F.rms_norm(x, weight.shape, weight, eps=eps)

@@ -173,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return F.linear(hidden, self.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden).float().contiguous()  # a CPULinear's result is a transposed view
 
     def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] for a batch of whole sequences [B, T] (training, scoring)."""

@@ -104,6 +104,12 @@ def load_model(name: str | None, dtype: str | torch.dtype = "auto", device: str 
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path)
 
 
+def load_config(name: str | None) -> ModelConfig:
+    """The model's configuration alone, without reading any weight."""
+    path = resolve_model_path(name)
+    return ModelConfig.from_hf(hf_config(path) if path.is_dir() else gguf_to_hf_config(open_gguf(path)))
+
+
 def load_tokenizer(name: str | None) -> Tokenizer:
     """The tokenizer alone, without reading any weight."""
     path = resolve_model_path(name)

@@ -1,0 +1,56 @@
+"""Float32 linear layers for CPU decode steps: the same weights, multiplied in the other operand order.
+
+`F.linear(x, W)` with few rows in x (a decode step's batch) runs far below the machine's memory bandwidth in
+torch's CPU GEMM: measured on 2 AVX2 cores (torch 2.13, MKL), SmolLM2-135M's 120 projections per step took
+72 ms at 2 rows where `(W @ x.T).T` took 29 ms, 1.5x less at 8 rows, 1.2x at 48-64, and from ~128 rows on
+F.linear is as fast or faster (benchmarks/results/cpu_linear.md). So rows up to MAX_ROWS take the transposed
+product and larger batches (prefill chunks) keep F.linear. bfloat16 gained nothing (its GEMM is oneDNN's), so
+this is for float32 only.
+
+The result is a transposed view: views that split its last dim, slices and elementwise ops take it as it is.
+Values match F.linear to float32 rounding (GEMM kernels already round differently at different row counts).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.llama import LlamaForCausalLM
+
+MAX_ROWS = 96
+
+
+class CPULinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.dim() != 2 or rows > MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        if rows == 1:  # a two-column product streams the weights faster than the one-column (GEMV) path
+            x = x.expand(2, -1).contiguous()
+        if self.bias is None:
+            out = torch.mm(self.weight, x.t())
+        else:
+            out = torch.addmm(self.bias.unsqueeze(1), self.weight, x.t())
+        return out.t()[:rows]
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> "CPULinear":
+        """A CPULinear over the same parameters (no copy)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        return new
+
+
+def use_cpu_linears(model: LlamaForCausalLM) -> int:
+    """Swap every nn.Linear of a float32 CPU model (and the tied output head) for a CPULinear; returns how many."""
+    if model.lm_head is None:  # tied: the head gets its own module over the embedding's weight
+        cfg = model.config
+        model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        model.lm_head.weight = model.embed_tokens.weight
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Linear:
+                setattr(module, name, CPULinear.sharing(child))
+                swapped += 1
+    return swapped
