@@ -1,11 +1,11 @@
 """Float32 linear layers for CPU decode steps: the same weights, multiplied in the other operand order.
 
 `F.linear(x, W)` with few rows in x (a decode step's batch) runs far below the machine's memory bandwidth in
-torch's CPU GEMM: measured on 2 AVX2 cores (torch 2.13, MKL), SmolLM2-135M's 120 projections per step took
-72 ms at 2 rows where `(W @ x.T).T` took 29 ms, 1.5x less at 8 rows, 1.2x at 48-64, and from ~128 rows on
-F.linear is as fast or faster (benchmarks/results/cpu_linear.md). So rows up to MAX_ROWS take the transposed
-product and larger batches (prefill chunks) keep F.linear. bfloat16 gained nothing (its GEMM is oneDNN's), so
-this is for float32 only.
+torch's CPU GEMM: measured on 2 AVX2 cores (torch 2.13, MKL), SmolLM2-135M's 120 projections took 100 ms at 2
+rows where `(W @ x.T).T` took 41 ms, 1.3-1.5x less at 8-96 rows, and from 128 rows on F.linear is as fast
+(benchmarks/results/cpu_linear.md). So rows up to MAX_ROWS take the transposed product (one row as two: the
+two-column product also beats the one-column GEMV path) and larger batches (prefill chunks) keep F.linear.
+bfloat16 gained nothing (its GEMM is oneDNN's), so this is for float32 only.
 
 The result is a transposed view: views that split its last dim, slices and elementwise ops take it as it is.
 Values match F.linear to float32 rounding (GEMM kernels already round differently at different row counts).
