@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.malloc_tuning import keep_freed_memory_mapped  # noqa: E402
 from models.cpu_linear import CPULinear  # noqa: E402
+from models.llama import LlamaForCausalLM  # noqa: E402
 from models.loading import load_config  # noqa: E402
 
 
@@ -43,9 +44,9 @@ def main() -> None:
     args = p.parse_args()
     keep_freed_memory_mapped()
     cfg = load_config(args.model)
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = [(q + 2 * kv, cfg.hidden_size), (cfg.hidden_size, q), (2 * cfg.intermediate_size, cfg.hidden_size),
-              (cfg.hidden_size, cfg.intermediate_size)]
+    with torch.device("meta"):
+        layer = LlamaForCausalLM(cfg).layers[0]
+    shapes = [(m.out_features, m.in_features) for m in layer.modules() if isinstance(m, nn.Linear)]
     plain = [[nn.Linear(k, n, bias=False) for n, k in shapes] for _ in range(cfg.num_layers)]
     plain[0].append(nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))  # the head, once
     torch.set_grad_enabled(False)

@@ -55,7 +55,7 @@ def retrieval(index: Index, docs: Path) -> dict:
             "recall@5": sum(r <= 5 for r in ranks if r) / n, "mrr@10": sum(1 / r for r in ranks if r) / n}
 
 
-def end_to_end(index: Index, docs: Path, k: int) -> dict:
+def end_to_end(index: Index, k: int) -> dict:
     rows = json.loads(QUESTIONS.read_text())
     llm = LLM("default", kv_cache_memory="512MiB")
     params = SamplingParams(temperature=0, max_tokens=64)
@@ -110,7 +110,7 @@ def main() -> None:
         print(label(settings), len(index), f"{seconds:.0f} s", scores, flush=True)
         if settings == ChunkSettings():
             chosen = index
-    e2e = end_to_end(chosen, docs, args.top_k)
+    e2e = end_to_end(chosen, args.top_k)
     print(e2e, flush=True)
 
     n = table[0][3]["questions"]

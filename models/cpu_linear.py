@@ -20,6 +20,8 @@ MAX_ROWS = 96
 
 
 class CPULinear(nn.Linear):
+    contiguous: bool = False  # the output head's result is copied to rows: the sampler reads it along rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if x.dim() != 2 or rows > MAX_ROWS:
@@ -30,7 +32,8 @@ class CPULinear(nn.Linear):
             out = torch.mm(self.weight, x.t())
         else:
             out = torch.addmm(self.bias.unsqueeze(1), self.weight, x.t())
-        return out.t()[:rows]
+        out = out.t()[:rows]
+        return out.contiguous() if self.contiguous else out
 
     @classmethod
     def sharing(cls, linear: nn.Linear) -> "CPULinear":
@@ -43,14 +46,13 @@ class CPULinear(nn.Linear):
 
 def use_cpu_linears(model: LlamaForCausalLM) -> int:
     """Swap every nn.Linear of a float32 CPU model (and the tied output head) for a CPULinear; returns how many."""
-    if model.lm_head is None:  # tied: the head gets its own module over the embedding's weight
-        cfg = model.config
-        model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
-        model.lm_head.weight = model.embed_tokens.weight
+    model.head_module()
     swapped = 0
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Linear:
                 setattr(module, name, CPULinear.sharing(child))
                 swapped += 1
+    if isinstance(model.lm_head, CPULinear):
+        model.lm_head.contiguous = True
     return swapped

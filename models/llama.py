@@ -170,10 +170,19 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, rope, meta)
         return self.norm(x, meta.backend, residual)[0]
 
+    def head_module(self) -> nn.Linear:
+        """The output head as a module, for transforms that replace Linears (int8, CPULinear): a tied model gets
+        an nn.Linear over the embedding's weight, built on meta so nothing is allocated."""
+        if self.lm_head is None:
+            cfg = self.config
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+            self.lm_head.weight = self.embed_tokens.weight
+        return self.lm_head
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return F.linear(hidden, self.embed_tokens.weight).float()
-        return self.lm_head(hidden).float().contiguous()  # a CPULinear's result is a transposed view
+        return self.lm_head(hidden).float()
 
     def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] for a batch of whole sequences [B, T] (training, scoring)."""

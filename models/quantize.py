@@ -9,7 +9,6 @@ to 0.50-0.77 on a test sentence; the head alone keeps 1.00). Not the default eit
 scale spans the step's whole batch, so a sequence's logits can depend on what else is in the batch, which the
 float32 path guarantees they never do."""
 import torch
-from torch import nn
 
 from models.llama import LlamaForCausalLM
 
@@ -21,10 +20,7 @@ def quantize_int8(model: LlamaForCausalLM, device: torch.device) -> LlamaForCaus
         raise ValueError("quantization='int8' runs on CPU only (fbgemm); on CUDA use bfloat16")
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError("quantization='int8' needs torch's fbgemm engine, which this build lacks")
-    if model.lm_head is None:  # tied: the head gets its own Linear over the same weight
-        cfg = model.config
-        model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        model.lm_head.weight = model.embed_tokens.weight
+    model.head_module()  # a tied head becomes a module quantize_dynamic can replace
     torch.backends.quantized.engine = "fbgemm"
     spec = {"lm_head": torch.ao.quantization.per_channel_dynamic_qconfig}
     return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Callable
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".html", ".htm")
-_RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+])\1{2,}\s*$")
+RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+])\1{2,}\s*$")
+
+
+def is_rst_title(line: str, below: str) -> bool:
+    """A reStructuredText title: a non-blank line over an underline at least as long."""
+    return bool(line.strip()) and bool(RST_UNDERLINE.match(below)) and len(below.strip()) >= len(line.strip())
+
+
 _MD_HEADING = re.compile(r"^#{1,6}\s+\S")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -87,9 +94,9 @@ def _blocks(text: str) -> list[tuple[int, int, bool]]:
     while i < len(lines):
         pos, line = lines[i]
         below = lines[i + 1][1] if i + 1 < len(lines) else ""
-        rst_title = bool(line.strip()) and bool(_RST_UNDERLINE.match(below)) and len(below.strip()) >= len(line.strip())
+        rst_title = is_rst_title(line, below)
         md_title = bool(_MD_HEADING.match(line))
-        if not line.strip() or rst_title or md_title or _RST_UNDERLINE.match(line):
+        if not line.strip() or rst_title or md_title or RST_UNDERLINE.match(line):
             if start is not None:
                 out.append((start, end, False))
                 start = None

@@ -188,7 +188,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if hits is None:
             return body
         # the extra field would not survive response_model
-        return JSONResponse(cited_response(body, hits))
+        return JSONResponse(await asyncio.to_thread(cited_response, body, hits))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS,
               dependencies=[Depends(authorized)])

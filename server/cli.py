@@ -6,6 +6,8 @@ import sys
 
 from engine import LLM, LLMEngine, SamplingParams
 from engine.config import EngineConfig
+from kernels import BACKENDS
+from models.quantize import QUANTIZATIONS
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -23,9 +25,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "2048 on CUDA); smaller keeps running streams' inter-token latency lower")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the KV blocks of prompts that start alike")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"],
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
                    help="kernels for attention and fused ops: auto = Triton on CUDA, plain torch on CPU")
-    p.add_argument("--quantization", default=None, choices=["int8"],
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="int8 output head on CPU (fbgemm): faster decoding, but logits may change with the "
                         "batch (the float32 default's never do)")
 

@@ -8,8 +8,6 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from models.bert import SentenceEncoder
 from rag.grounding import RagOptions, cite, citations, ground, last_user_text
 from rag.index import Hit, Index
@@ -58,9 +56,9 @@ class Retrieval:
             raise APIError(400, f"{self.encoder.name} gives {self.encoder.dimension} dimensions; dimensions="
                                 f"{req.dimensions} is not supported", param="dimensions", code="invalid_value")
         vectors, counts = await asyncio.to_thread(self._embed, texts)
-        vectors, tokens = vectors.numpy().astype(np.float32), sum(counts)
+        vectors, tokens = vectors.numpy(), sum(counts)
         data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
+                 "embedding": base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() if req.encoding_format == "base64"
                  else v.tolist()} for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": self.encoder.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -107,7 +105,7 @@ async def cited_stream(events: AsyncIterator[dict | str], hits: list[Hit]) -> As
                     continue
                 answer += c["delta"].get("content") or ""
                 if c.get("finish_reason"):
-                    marked, listed = cite(answer, hits)
+                    marked, listed = await asyncio.to_thread(cite, answer, hits)
                     if len(marked) > len(answer):
                         c["delta"]["content"] = (c["delta"].get("content") or "") + marked[len(answer):]
                     event = {**event, "citations": listed}

@@ -48,3 +48,18 @@ def test_engine_swaps_only_float32_on_the_torch_path(tiny_checkpoint):
     bf16 = LLM(path, dtype="bfloat16", num_kv_blocks=16).engine.runner.model
     assert isinstance(fp32.layers[0].mlp.down_proj, CPULinear)
     assert type(bf16.layers[0].mlp.down_proj) is nn.Linear
+
+
+def test_residual_stream_stays_contiguous_after_a_transposed_sublayer_output():
+    # kernels.reference.rms_norm adds residual + x in that order so the sum keeps the residual's row layout
+    from kernels.reference import rms_norm
+    sublayer_out = CPULinear.sharing(nn.Linear(32, 48, bias=False))(torch.randn(4, 32))
+    assert not sublayer_out.is_contiguous()
+    normed, residual = rms_norm(sublayer_out, torch.ones(48), 1e-5, residual=torch.randn(4, 48))
+    assert residual.is_contiguous() and normed.is_contiguous()
+
+
+def test_the_head_returns_rows_for_the_sampler(tiny_checkpoint):
+    model = load_model(str(tiny_checkpoint("llama")), "float32").model
+    use_cpu_linears(model)
+    assert model.compute_logits(torch.randn(3, model.config.hidden_size)).is_contiguous()

