@@ -34,7 +34,7 @@ from training.sources import faq_pairs, rst_plain  # noqa: E402
 DOCS = "data/downloads/python3.11-doc/usr/share/doc/python3.11/html/_sources"
 SECTIONS = ("faq", "tutorial", "reference")
 CONFIGS = [ChunkSettings(256, 32, True), ChunkSettings(256, 32, False), ChunkSettings(128, 16, True),
-           ChunkSettings(128, 16, False), ChunkSettings(512, 64, True)]
+           ChunkSettings(128, 16, False)]
 QUESTIONS = Path(__file__).parent / "rag_questions.json"
 
 

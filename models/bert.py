@@ -121,8 +121,10 @@ class SentenceEncoder:
         self.max_tokens = min(json.loads(st_cfg.read_text()).get("max_seq_length", 512) if st_cfg.is_file() else 512,
                               self.config.max_position_embeddings)
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
-        self.tokenizer.enable_truncation(self.max_tokens)
         self.tokenizer.no_padding()
+        self._counter = Tokenizer.from_str(self.tokenizer.to_str())  # counts whole texts: no truncation
+        self._counter.no_truncation()
+        self.tokenizer.enable_truncation(self.max_tokens)
         self.model = BertEncoder(self.config).eval()
         self.model.load_hf_weights(load_file(self.path / "model.safetensors"))
         self.batch_size = batch_size
@@ -131,7 +133,7 @@ class SentenceEncoder:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model would read, [CLS] and [SEP] included, before truncation."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids) + 2
+        return len(self._counter.encode(text, add_special_tokens=False).ids) + 2
 
     def encode(self, texts: list[str], progress: bool = False) -> torch.Tensor:
         return self.embed(texts, progress)[0]

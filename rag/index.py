@@ -59,6 +59,9 @@ class Index:
         """An empty index bound to `path`; use Index.open for an existing one."""
         self.path, self.encoder = Path(path), encoder
         self.chunking = chunking or ChunkSettings()
+        if self.chunking.max_tokens > encoder.max_tokens:
+            raise ValueError(f"chunks of max_tokens={self.chunking.max_tokens} do not fit {encoder.name}, which "
+                             f"reads at most {encoder.max_tokens} tokens")
         self.vectors = faiss.IndexIDMap2(faiss.IndexFlatIP(encoder.dimension))
         self.chunks: dict[int, Chunk] = {}
         self.files: dict[str, dict] = {}  # source -> {"sha256", "ids"}

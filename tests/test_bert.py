@@ -38,3 +38,9 @@ def test_a_folder_that_is_not_an_embedding_model_is_refused(tmp_path, tiny_check
         SentenceEncoder(tmp_path)
     with pytest.raises(ValueError, match="must be a BERT"):
         SentenceEncoder(tiny_checkpoint("llama"))
+
+
+def test_token_counts_are_of_the_whole_text(encoder):
+    # chunking measures texts with count_tokens, so a count capped at the model's limit would hide long blocks
+    assert encoder.count_tokens("word " * 600) == 602
+    assert encoder.embed(["word " * 600])[1] == [256]  # what the model reads is still truncated

@@ -111,3 +111,8 @@ def test_the_index_search_equals_brute_force_cosine(encoder, docs, tmp_path):
     assert [h.score for h in hits] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
     assert hits[0].chunk == chunks[max(range(len(chunks)), key=expected.__getitem__)]
     assert torch.allclose(vectors.norm(dim=-1), torch.ones(len(chunks)))
+
+
+def test_chunks_longer_than_the_encoder_reads_are_refused(encoder, tmp_path):
+    with pytest.raises(ValueError, match="max_tokens=512 do not fit"):
+        Index(tmp_path / "index", encoder, ChunkSettings(max_tokens=512, overlap_tokens=64))
