@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("tokenmill", "transformers", "llama-server", "llama-cpp-python")
+SYSTEMS = ("tokenmill", "tokenmill-int4", "transformers", "llama-server", "llama-cpp-python")
 
 
 @dataclass
@@ -48,10 +48,11 @@ def _gguf(model: str) -> Path:
 
 def command(spec: ServerSpec, port: int) -> list[str]:
     threads = spec.threads or os.cpu_count() or 1
-    if spec.system == "tokenmill":
+    if spec.system in ("tokenmill", "tokenmill-int4"):
+        quantization = ["--quantization", "int4"] if spec.system == "tokenmill-int4" else []
         return [sys.executable, "-m", "server.cli", "serve", spec.model, "--port", str(port), "--dtype", spec.dtype,
                 "--max-num-seqs", str(max(spec.max_concurrency, 1)), "--max-model-len", str(spec.context),
-                "--served-model-name", "bench", "--log-level", "warning", *spec.extra_args]
+                "--served-model-name", "bench", "--log-level", "warning", *quantization, *spec.extra_args]
     if spec.system == "transformers":
         return [sys.executable, str(ROOT / "benchmarks" / "hf_server.py"), spec.model, "--port", str(port),
                 "--dtype", spec.dtype, "--max-batch", str(spec.max_concurrency)]

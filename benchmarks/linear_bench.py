@@ -1,4 +1,5 @@
-"""A decode step's projections on the CPU: nn.Linear (F.linear) against CPULinear (models/cpu_linear.py).
+"""A decode step's projections on the CPU: nn.Linear (F.linear) against CPULinear (models/cpu_linear.py), and
+the int4 kernel of quantization="int4" (models/quantize.py), run at every row count to find where it stops paying.
 
 Every projection of every layer of the model's shape, each with its own random weights (so the weights stream
 from memory as in a real step, not from cache), plus the output head; rows = the step's batch size.
@@ -20,6 +21,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.malloc_tuning import keep_freed_memory_mapped  # noqa: E402
+from models import quantize  # noqa: E402
 from models.cpu_linear import CPULinear  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
 from models.loading import load_config  # noqa: E402
@@ -51,22 +53,24 @@ def main() -> None:
     plain[0].append(nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))  # the head, once
     torch.set_grad_enabled(False)
     fast = [[CPULinear.sharing(lin) for lin in layer] for layer in plain]
-    table = ["| rows | projections: F.linear ms | CPULinear ms | speed-up | head: F.linear ms | CPULinear ms | "
-             "speed-up |", "|---|---|---|---|---|---|---|"]
+    int4 = [[quantize.Int4Linear.quantizing(lin) for lin in layer[:4]] for layer in plain]
+    quantize.INT4_MAX_ROWS = 1 << 30  # the int4 kernel at every row count
+    table = ["| rows | projections: F.linear ms | CPULinear ms | speed-up | int4 kernel ms | vs CPULinear | "
+             "head: F.linear ms | CPULinear ms | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     for m in [int(r) for r in args.rows.split(",")]:
         inputs = {k: torch.randn(m, k) for k in {k for _, k in shapes}}
         cells = []
-        for layers in (plain, fast):
+        for layers in (plain, fast, int4):
             cells.append(best_of(lambda: [lin(inputs[lin.in_features]) for layer in layers for lin in layer[:4]],
                                  args.repeat))
         for layers in (plain, fast):
             cells.append(best_of(lambda: layers[0][4](inputs[cfg.hidden_size]), args.repeat))
-        lin, tr, head_lin, head_tr = (c * 1e3 for c in cells)
-        line = (f"| {m} | {lin:.1f} | {tr:.1f} | {lin / tr:.2f}x | {head_lin:.1f} | {head_tr:.1f} | "
-                f"{head_lin / head_tr:.2f}x |")
+        lin, tr, i4, head_lin, head_tr = (c * 1e3 for c in cells)
+        line = (f"| {m} | {lin:.1f} | {tr:.1f} | {lin / tr:.2f}x | {i4:.1f} | {tr / i4:.2f}x | {head_lin:.1f} | "
+                f"{head_tr:.1f} | {head_lin / head_tr:.2f}x |")
         table.append(line)
         print(line, flush=True)
-    text = (f"# Small-batch float32 projections on CPU: F.linear vs CPULinear\n\n"
+    text = (f"# Small-batch projections on CPU: F.linear vs CPULinear (float32) vs the int4 kernel\n\n"
             f"{datetime.date.today()} · {platform.machine()} · {torch.get_num_threads()} threads · torch "
             f"{torch.__version__} · model `{args.model}` shapes ({cfg.num_layers} layers x 4 projections, "
             f"distinct weights; best of {args.repeat})\n\n" + "\n".join(table) + "\n\n"

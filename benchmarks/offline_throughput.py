@@ -104,8 +104,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", help="comma-separated batch limits (tokenmill max_num_seqs = transformers "
                                         "batch size), e.g. 1,8,32; writes a PNG next to --out")
-    parser.add_argument("--int8", action="store_true", help="also run tokenmill with its int8 output head "
-                                                             "(quantization='int8', CPU)")
+    parser.add_argument("--quantization", default="", help="comma-separated CPU quantizations to run tokenmill "
+                                                            "with as well, e.g. int4,int8 (models/quantize.py)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "offline_cpu.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,7 +114,7 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
 
     limits = [int(v) for v in args.sweep.split(",")] if args.sweep else [None]
-    variants = [("tokenmill", None)] + ([("tokenmill int8", "int8")] if args.int8 else [])
+    variants = [("tokenmill", None)] + [(f"tokenmill {q}", q) for q in args.quantization.split(",") if q]
     rows, points = [], {name: [] for name, _ in variants} | {"transformers": []}
     ratios: dict[str, list[str]] = {name: [] for name, _ in variants}
     for limit in limits:

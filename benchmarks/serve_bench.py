@@ -1,7 +1,8 @@
 """serve_bench: time to first token, inter-token latency and throughput of OpenAI-compatible servers under load.
 
 Benchmark an endpoint that is already running (--base-url), or let serve_bench start each of --systems on the same
-model, one after another, and compare them on identical prompts and settings, with ratios against tokenmill:
+model, one after another, and compare them on identical prompts and settings, with ratios against tokenmill
+(tokenmill-int4 is tokenmill with --quantization int4):
 
     .venv/bin/python benchmarks/serve_bench.py --systems tokenmill,transformers --sweep 1,8,32 --name cpu
     .venv/bin/python benchmarks/serve_bench.py --base-url http://127.0.0.1:8000 --model-name default -c 8
@@ -93,18 +94,18 @@ def bench_endpoint(args, label: str, base_url: str, model_name: str, loads: list
 
 
 def ratio_table(summaries: list[Summary]) -> str:
-    """tokenmill's output tok/s over each baseline's, and each baseline's TTFT p50 over tokenmill's."""
-    ours = {s.concurrency: s for s in summaries if s.label == "tokenmill"}
-    others = [s for s in summaries if s.label != "tokenmill" and s.concurrency in ours]
-    if not ours or not others:
+    """Each tokenmill variant's output tok/s over each baseline's, and the baseline's TTFT p50 over the variant's."""
+    ours = [s for s in summaries if s.label.startswith("tokenmill")]
+    others = [s for s in summaries if not s.label.startswith("tokenmill")]
+    pairs = [(t, s) for s in others for t in ours if t.concurrency == s.concurrency]
+    if not pairs:
         return ""
-    rows = ["| vs baseline | conc. | output tok/s: tokenmill ÷ baseline | TTFT p50: baseline ÷ tokenmill |",
-            "|---|---|---|---|"]
-    for s in others:
-        t = ours[s.concurrency]
+    rows = ["| tokenmill | vs baseline | conc. | output tok/s: tokenmill ÷ baseline | TTFT p50: baseline ÷ tokenmill |",
+            "|---|---|---|---|---|"]
+    for t, s in pairs:
         speed = t.output_throughput / s.output_throughput if s.output_throughput else float("inf")
         ttft = (s.ttft.p50 / t.ttft.p50) if s.ttft and t.ttft else float("nan")
-        rows.append(f"| {s.label} | {s.concurrency} | **{speed:.2f}x** | {ttft:.2f}x |")
+        rows.append(f"| {t.label} | {s.label} | {s.concurrency} | **{speed:.2f}x** | {ttft:.2f}x |")
     return "\n".join(rows)
 
 

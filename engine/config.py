@@ -29,7 +29,7 @@ class EngineConfig:
     block_size: int = 16
     seed: int = 0                         # seeds the draws of requests that give no seed of their own
     attention_backend: str = "auto"       # kernels: "triton" on CUDA, "torch" elsewhere, or forced
-    quantization: str | None = None       # "int8": CPU int8 output head (models/quantize.py); faster, not invariant
+    quantization: str | None = None       # "int4" / "int8": CPU weight quantization (models/quantize.py); not invariant
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size"):

@@ -11,7 +11,7 @@ from models.config import ModelConfig
 from models.gguf_loader import gguf_to_hf_config, gguf_weights, open_gguf
 from models.hf_loader import hf_config, hf_weights
 from models.llama import LlamaForCausalLM, RotaryEmbedding
-from models.quantize import QUANTIZATIONS, quantize_int8
+from models.quantize import QUANTIZATIONS, quantize_int4, quantize_int8
 from models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def load_model(name: str | None, dtype: str | torch.dtype = "auto", device: str 
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     if quantization and dtype == "auto":
-        torch_dtype = torch.float32  # int8 kernels take float32 activations
+        torch_dtype = torch.float32  # the quantized paths keep float32 weights and activations around them
     if quantization and torch_dtype != torch.float32:
         raise ValueError(f"quantization={quantization!r} works on float32 activations, not dtype {dtype!r}")
     if path.is_dir():
@@ -98,6 +98,8 @@ def load_model(name: str | None, dtype: str | torch.dtype = "auto", device: str 
     model = model.to(torch_dtype).eval().requires_grad_(False)
     if quantization == "int8":
         model = quantize_int8(model, device)
+    elif quantization == "int4":
+        model = quantize_int4(model, device)
     model.rope = RotaryEmbedding(config).to(device)  # float32 tables; buffers are not in the checkpoint
     logger.info("loaded %s (%s, %d layers, %s%s) in %.1f s", path.name, config.architecture, config.num_layers,
                 torch_dtype, f", {quantization} weights" if quantization else "", time.perf_counter() - start)
