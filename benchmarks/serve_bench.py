@@ -100,8 +100,8 @@ def ratio_table(summaries: list[Summary]) -> str:
     pairs = [(t, s) for s in others for t in ours if t.concurrency == s.concurrency]
     if not pairs:
         return ""
-    rows = ["| tokenmill | vs baseline | conc. | output tok/s: tokenmill ÷ baseline | TTFT p50: baseline ÷ tokenmill |",
-            "|---|---|---|---|---|"]
+    rows = ["| tokenmill | vs baseline | conc. | output tok/s: tokenmill ÷ baseline | "
+            "TTFT p50: baseline ÷ tokenmill |", "|---|---|---|---|---|"]
     for t, s in pairs:
         speed = t.output_throughput / s.output_throughput if s.output_throughput else float("inf")
         ttft = (s.ttft.p50 / t.ttft.p50) if s.ttft and t.ttft else float("nan")

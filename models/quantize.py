@@ -10,10 +10,10 @@ with float32 on 99% of next tokens (full bfloat16: 95-97%).
 
 "int8": the output head, a fifth of a small model's compute and most of a single-stream decode step's memory
 traffic (49152 x 576 floats for SmolLM2), becomes a dynamically quantized Linear: weights int8 per output channel,
-activations quantized at run time, the matmul in fbgemm's int8 kernels (2-7x faster than float32 on AVX2;
-benchmarks/results/offline_int8_cpu.md). Only the head: fbgemm takes one activation scale per tensor, and the
-inputs of the attention and MLP projections carry outlier channels that such a scale cannot hold (quantizing
-them took SmolLM2's top-1 agreement with float32 to 0.50-0.77 on a test sentence). The head alone keeps 1.00 on
+activations quantized at run time, the matmul in fbgemm's int8 kernels (+10-25% single-stream tok/s on AVX2,
+nothing offline: benchmarks/results/offline_quant_cpu.md). Only the head: fbgemm takes one activation scale per
+tensor, and the inputs of the attention and MLP projections carry outlier channels that such a scale cannot hold
+(quantizing them took SmolLM2's top-1 agreement with float32 to 0.50-0.77 on a test sentence). The head alone keeps 1.00 on
 that sentence but only 0.81 on the 60-token paragraph of tests/test_quantize.py, where int4 keeps 0.99.
 
 Neither is the default: which path a sequence's rows take depends on the step's batch ("int4"), or the activation
@@ -47,8 +47,8 @@ class Int4Linear(CPULinear):
 
     @classmethod
     def quantizing(cls, linear: nn.Linear) -> "Int4Linear":
-        """Quantize linear's weight (in_features a multiple of INT4_GROUP, out_features of 16); the float32 weight becomes the
-        dequantized one, so both paths compute with the same weights."""
+        """Quantize linear's weight (in_features a multiple of INT4_GROUP, out_features of 16); the float32 weight
+        becomes the dequantized one, so both paths compute with the same weights."""
         w = linear.weight.detach().float()
         rows, cols = w.shape
         groups = w.view(rows, cols // INT4_GROUP, INT4_GROUP)
