@@ -13,8 +13,8 @@ traffic (49152 x 576 floats for SmolLM2), becomes a dynamically quantized Linear
 activations quantized at run time, the matmul in fbgemm's int8 kernels (+10-25% single-stream tok/s on AVX2,
 nothing offline: benchmarks/results/offline_quant_cpu.md). Only the head: fbgemm takes one activation scale per
 tensor, and the inputs of the attention and MLP projections carry outlier channels that such a scale cannot hold
-(quantizing them took SmolLM2's top-1 agreement with float32 to 0.50-0.77 on a test sentence). The head alone keeps 1.00 on
-that sentence but only 0.81 on the 60-token paragraph of tests/test_quantize.py, where int4 keeps 0.99.
+(quantizing them took SmolLM2's top-1 agreement with float32 to 0.50-0.77 on a test sentence). The head alone
+keeps 1.00 on that sentence but only 0.81 on the 60-token paragraph of tests/test_quantize.py (int4: 0.99).
 
 Neither is the default: which path a sequence's rows take depends on the step's batch ("int4"), or the activation
 scale spans it ("int8"), so a sequence's logits can depend on what else is in the batch, which the float32 path
