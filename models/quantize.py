@@ -6,7 +6,7 @@ model re-quantizes without any loss). Steps of up to INT4_MAX_ROWS rows (decode 
 kernel, which reads an eighth of the float32 weight bytes; its activations are bfloat16 (its float32 path is not
 vectorized). Larger steps (prefill chunks, big batches) multiply the dequantized float32 weights, which are kept
 as well, because there the int4 kernel is slower than float32 GEMM. On SmolLM2-135M-Instruct the int4 path agrees
-with float32 on 99% of next tokens (full bfloat16: 95-97%).
+with float32 on 98-99% of next tokens (full bfloat16: 95-97%).
 
 "int8": the output head, a fifth of a small model's compute and most of a single-stream decode step's memory
 traffic (49152 x 576 floats for SmolLM2), becomes a dynamically quantized Linear: weights int8 per output channel,
@@ -14,7 +14,7 @@ activations quantized at run time, the matmul in fbgemm's int8 kernels (+10-25% 
 nothing offline: benchmarks/results/offline_quant_cpu.md). Only the head: fbgemm takes one activation scale per
 tensor, and the inputs of the attention and MLP projections carry outlier channels that such a scale cannot hold
 (quantizing them took SmolLM2's top-1 agreement with float32 to 0.50-0.77 on a test sentence). The head alone
-keeps 1.00 on that sentence but only 0.81 on the 60-token paragraph of tests/test_quantize.py (int4: 0.99).
+keeps 1.00 on that sentence but only 0.81 on the 60-token paragraph of tests/test_quantize.py (int4: 0.98).
 
 Neither is the default: which path a sequence's rows take depends on the step's batch ("int4"), or the activation
 scale spans it ("int8"), so a sequence's logits can depend on what else is in the batch, which the float32 path
