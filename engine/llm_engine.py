@@ -44,6 +44,9 @@ class LLMEngine:
         if device.type == "cpu":
             keep_freed_memory_mapped()
         backend = get_backend(config.attention_backend, device)  # before loading: a bad choice fails fast
+        if config.quantization == "int4" and backend.name != "torch":
+            # its float32 path hands on transposed views (models/cpu_linear.py), which the Triton ops do not take
+            raise ValueError("quantization='int4' runs with attention_backend 'torch' (the CPU path)")
         loaded = load_model(config.model, config.dtype, device, config.quantization)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

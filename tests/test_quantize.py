@@ -109,3 +109,9 @@ def test_int4_engine_decode_rows_do_not_depend_on_the_batch(tiny_checkpoint, arc
     alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert together == alone and all(len(t) == 12 for t in alone)
+
+
+def test_int4_refuses_the_triton_backend(tiny_checkpoint):
+    from engine import LLM
+    with pytest.raises(ValueError, match="attention_backend 'torch'"):
+        LLM(str(tiny_checkpoint("llama")), quantization="int4", attention_backend="triton")
