@@ -10,6 +10,8 @@ bfloat16 gained nothing (its GEMM is oneDNN's), so this is for float32 only.
 The result is a transposed view: views that split its last dim, slices and elementwise ops take it as it is.
 Values match F.linear to float32 rounding (GEMM kernels already round differently at different row counts).
 """
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,15 +46,21 @@ class CPULinear(nn.Linear):
         return new
 
 
+def replace_linears(root: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every plain nn.Linear under root (subclasses stay) with make(linear); returns how many."""
+    replaced = 0
+    for module in list(root.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Linear:
+                setattr(module, name, make(child))
+                replaced += 1
+    return replaced
+
+
 def use_cpu_linears(model: LlamaForCausalLM) -> int:
     """Swap every nn.Linear of a float32 CPU model (and the tied output head) for a CPULinear; returns how many."""
     model.head_module()
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.Linear:
-                setattr(module, name, CPULinear.sharing(child))
-                swapped += 1
+    swapped = replace_linears(model, CPULinear.sharing)
     if isinstance(model.lm_head, CPULinear):
         model.lm_head.contiguous = True
     return swapped

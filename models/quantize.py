@@ -22,7 +22,7 @@ guarantees they never do."""
 import torch
 from torch import nn
 
-from models.cpu_linear import CPULinear
+from models.cpu_linear import CPULinear, replace_linears
 from models.llama import LlamaForCausalLM
 
 QUANTIZATIONS = ("int8", "int4")
@@ -68,15 +68,12 @@ class Int4Linear(CPULinear):
 
 def quantize_int4(model: LlamaForCausalLM, device: torch.device) -> LlamaForCausalLM:
     _check_cpu("int4", device)
-    for layer in model.layers:
-        for module in list(layer.modules()):
-            for name, child in module.named_children():
-                if type(child) is nn.Linear:
-                    if child.in_features % INT4_GROUP or child.out_features % 16:  # the kernel's tiles
-                        raise ValueError(f"quantization='int4' needs input sizes that are multiples of "
-                                         f"{INT4_GROUP} and output sizes that are multiples of 16; {name} is "
-                                         f"{child.in_features} -> {child.out_features}")
-                    setattr(module, name, Int4Linear.quantizing(child))
+    for linear in model.layers.modules():
+        if type(linear) is nn.Linear and (linear.in_features % INT4_GROUP or linear.out_features % 16):  # tiles
+            raise ValueError(f"quantization='int4' needs input sizes that are multiples of {INT4_GROUP} and output "
+                             f"sizes that are multiples of 16; a projection is {linear.in_features} -> "
+                             f"{linear.out_features}")
+    replace_linears(model.layers, Int4Linear.quantizing)
     return model
 
 

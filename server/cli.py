@@ -7,7 +7,7 @@ import sys
 from engine import LLM, LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from kernels import BACKENDS
-from models.quantize import QUANTIZATIONS
+from models.quantize import INT4_MAX_ROWS, QUANTIZATIONS
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -29,9 +29,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="kernels for attention and fused ops: auto = Triton on CUDA, plain torch on CPU")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="CPU only. int4: 4-bit projections (Q4_1 groups; lossless for a Q4_1 GGUF) with bfloat16 "
-                        "activations for decode steps of up to 12 rows, much faster at low concurrency; int8: "
-                        "an fbgemm int8 output head. Either way logits may change with the batch (the float32 "
-                        "default's never do)")
+                        f"activations for decode steps of up to {INT4_MAX_ROWS} rows, much faster at low "
+                        "concurrency; int8: an fbgemm int8 output head. Either way logits may change with the batch "
+                        "(the float32 default's never do)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -57,8 +57,9 @@ class Retrieval:
                                 f"{req.dimensions} is not supported", param="dimensions", code="invalid_value")
         vectors, counts = await asyncio.to_thread(self._embed, texts)
         vectors, tokens = vectors.numpy(), sum(counts)
+        base64_out = req.encoding_format == "base64"
         data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() if req.encoding_format == "base64"
+                 "embedding": base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() if base64_out
                  else v.tolist()} for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": self.encoder.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from engine import LLM, SamplingParams
 from models import quantize
 from models.loading import load_model
+from tests.conftest import TINY_VOCAB
+from tests.test_engine_fidelity import shared_prefix_prompts
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Python is a programming language that lets you work quickly "
         "and integrate systems more effectively. A paged KV cache keeps every sequence's keys and values in "
@@ -98,9 +101,6 @@ def test_unsupported_settings_are_refused(kwargs, words):
 def test_int4_engine_decode_rows_do_not_depend_on_the_batch(tiny_checkpoint, arch):
     """Decode steps of up to INT4_MAX_ROWS rows run the int4 kernel, whose rows are independent: 8 prompts
     alone and together give the same greedy tokens (prompts over the row limit prefill in float32 either way)."""
-    from engine import LLM, SamplingParams
-    from tests.conftest import TINY_VOCAB
-    from tests.test_engine_fidelity import shared_prefix_prompts
     prompts = [p for p in shared_prefix_prompts(TINY_VOCAB) if len(p) > quantize.INT4_MAX_ROWS][:8]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     llm = LLM(str(tiny_checkpoint(arch)), quantization="int4", enable_prefix_caching=False, num_kv_blocks=64,
@@ -112,6 +112,5 @@ def test_int4_engine_decode_rows_do_not_depend_on_the_batch(tiny_checkpoint, arc
 
 
 def test_int4_refuses_the_triton_backend(tiny_checkpoint):
-    from engine import LLM
     with pytest.raises(ValueError, match="attention_backend 'torch'"):
         LLM(str(tiny_checkpoint("llama")), quantization="int4", attention_backend="triton")
