@@ -14,6 +14,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (query heads, KV heads, head dim): GQA ratios 1, 3, 4 and 8, head dims 64 and 128
 HEADS = [(4, 4, 64), (6, 2, 64), (8, 2, 128), (8, 1, 64)]
+DECODE_HEADS = HEADS + [(9, 3, 64)]  # and SmolLM2's: 9 query heads on 3 KV heads
 PAGE = 16
 
 
@@ -30,12 +31,13 @@ def _randn(*shape, dtype, g) -> torch.Tensor:
     return torch.randn(*shape, generator=g, device=DEVICE).to(dtype)
 
 
-def _paged_cache(lengths: list[int], kv_heads: int, head_dim: int, dtype, g, spare_blocks: int = 3):
+def _paged_cache(lengths: list[int], kv_heads: int, head_dim: int, dtype, g, spare_blocks: int = 3,
+                 page: int = PAGE):
     """A cache filled with random K/V, and block tables that scatter each sequence over shuffled blocks."""
-    needed = [-(-n // PAGE) for n in lengths]
+    needed = [-(-n // page) for n in lengths]
     num_blocks = sum(needed) + spare_blocks
-    k_cache = _randn(num_blocks, PAGE, kv_heads, head_dim, dtype=dtype, g=g)
-    v_cache = _randn(num_blocks, PAGE, kv_heads, head_dim, dtype=dtype, g=g)
+    k_cache = _randn(num_blocks, page, kv_heads, head_dim, dtype=dtype, g=g)
+    v_cache = _randn(num_blocks, page, kv_heads, head_dim, dtype=dtype, g=g)
     order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(int(g.initial_seed())))
     tables, used = [], 0
     for n in needed:
@@ -60,30 +62,67 @@ def test_store_kv_writes_its_slots_and_skips_negative_ones(dtype):
     assert k_cache.isnan().sum() == k_cache.numel() - 5 * 2 * 64  # nothing else was touched
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
-def test_decode_attention_matches_reference(heads, dtype):
+def _decode_lengths(page: int = PAGE) -> list[int]:
+    """One token, off the page size, three split-KV partitions ending mid-page, exactly one partition (whole
+    pages). The split size is the kernel's: smaller in the interpreter."""
+    split = triton_attention._decode_plan(page)[0]
+    return [1, 17, 2 * split + 37, split]
+
+
+def _decode_case(lengths: list[int], heads, dtype, seed: int, page: int = PAGE):
     num_heads, kv_heads, head_dim = heads
-    g = _gen(2)
-    lengths = [1, 17, 300, 64]  # one token, off the page size, two split-KV partitions, exactly 4 pages
-    k_cache, v_cache, tables = _paged_cache(lengths, kv_heads, head_dim, dtype, g)
+    g = _gen(seed)
+    k_cache, v_cache, tables = _paged_cache(lengths, kv_heads, head_dim, dtype, g, page=page)
     q = _randn(len(lengths), num_heads, head_dim, dtype=dtype, g=g)
-    context_lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    scale = head_dim ** -0.5
-    want = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, context_lens, scale)
+    return q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+
+
+def _check_decode(q, k_cache, v_cache, tables, lens) -> None:
+    scale = q.shape[2] ** -0.5
+    want = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
     out = torch.full_like(q, float("nan"))
-    triton_attention.decode_attention(q, k_cache, v_cache, tables, context_lens, scale, out=out)
-    assert rel_error(out, want) < TOLERANCE[dtype]
+    triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out)
+    assert rel_error(out, want) < TOLERANCE[q.dtype]
 
 
-def test_decode_result_does_not_depend_on_the_batch():
-    g = _gen(3)
-    k_cache, v_cache, tables = _paged_cache([300, 40], 2, 64, torch.float32, g)
-    q = _randn(2, 4, 64, dtype=torch.float32, g=g)
-    lens = torch.tensor([300, 40], dtype=torch.int32, device=DEVICE)
-    both = triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
-    alone = triton_attention.decode_attention(q[:1], k_cache, v_cache, tables[:1, :19], lens[:1], 0.125)
-    assert torch.equal(both[:1], alone)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", DECODE_HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_decode_attention_matches_reference(heads, dtype):
+    _check_decode(*_decode_case(_decode_lengths(), heads, dtype, seed=2))
+
+
+# not a power of two (a block-table load per token); wider than the interpreter's tile (which widens to it)
+@pytest.mark.parametrize("page", [12, 64])
+def test_decode_attention_other_page_sizes(page):
+    _check_decode(*_decode_case(_decode_lengths(page), (9, 3, 64), torch.float32, seed=8, page=page))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_result_does_not_depend_on_the_batch(dtype):
+    """Bit for bit the same alone, in a batch, in another order and under a wider (CUDA-graph-sized) table."""
+    split = triton_attention._decode_plan(PAGE)[0]
+    lengths = [2 * split + 37, 40, 0, 1]
+    q, k_cache, v_cache, tables, lens = _decode_case(lengths, (6, 2, 64), dtype, seed=3)
+    batch = triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    assert not batch.isnan().any() and not batch[2].any()  # no context: zeros
+    pad = torch.full((len(lengths), 17), k_cache.shape[0] - 1, dtype=tables.dtype, device=DEVICE)
+    order = torch.tensor([3, 0, 2, 1], device=DEVICE)
+    wide = torch.cat([tables, pad], dim=1)[order]
+    reordered = triton_attention.decode_attention(q[order], k_cache, v_cache, wide, lens[order], 0.125)
+    torch.testing.assert_close(reordered, batch[order], rtol=0, atol=0)
+    for i, n in enumerate(lengths):
+        own = tables[i:i + 1, :max(1, -(-n // PAGE))]
+        alone = triton_attention.decode_attention(q[i:i + 1], k_cache, v_cache, own, lens[i:i + 1], 0.125)
+        torch.testing.assert_close(alone, batch[i:i + 1], rtol=0, atol=0)
+
+
+def test_decode_workspace_is_read_only_where_written():
+    q, k_cache, v_cache, tables, lens = _decode_case([3 * PAGE + 5, 0], (8, 2, 128), torch.float32, seed=9)
+    size = triton_attention.decode_workspace_size(4, 8, 128, tables.shape[1] + 10, PAGE)  # room to spare
+    workspace = torch.full((size,), float("nan"), device=DEVICE)
+    got = triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, workspace=workspace)
+    want = triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
