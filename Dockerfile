@@ -13,6 +13,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 HF_HUB
     TOKENIZERS_PARALLELISM=false
 WORKDIR /app
 
+# a C++ compiler for tokenmill's CPU kernels, which are built on the machine that runs them (kernels/cpu_ops.py)
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # torch first and alone, from the chosen index: pulled in as a dependency it would come from PyPI (CUDA wheels)
 RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md ./
