@@ -5,9 +5,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-import jsonschema
 import torch
-import xgrammar as xgr
 
 from engine.sampling_params import StructuredOutputsParams
 
@@ -19,8 +17,12 @@ _FORMATS = {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "h
             "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"}
 _SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
 _DATA = {"enum", "const", "default", "examples", "required", "dependentRequired", "description", "title"}
-_VOCAB_TYPES = {"byte_level": xgr.VocabType.BYTE_LEVEL, "byte_fallback": xgr.VocabType.BYTE_FALLBACK,
-                "raw": xgr.VocabType.RAW}
+
+
+def _xgrammar():
+    """xgrammar, imported on first use: an engine serving no constrained request never needs it."""
+    import xgrammar
+    return xgrammar
 
 
 def check_json_schema(schema: str | dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +34,7 @@ def check_json_schema(schema: str | dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    import jsonschema
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -70,21 +73,33 @@ class Grammars:
     """The engine's grammar side: compiles (with xgrammar's cache), makes matchers, masks logits."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]):
-        vocab, vocab_type, add_prefix_space = tokenizer.grammar_vocab()
-        vocab = vocab[:vocab_size] + [""] * (vocab_size - len(vocab))
-        info = xgr.TokenizerInfo(vocab, _VOCAB_TYPES[vocab_type], vocab_size=vocab_size,
-                                 stop_token_ids=sorted(eos_token_ids), add_prefix_space=add_prefix_space)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
+        self._compiler = None
         # the server compiles a request's constraint to check it, the engine again when it queues the request:
         # the second time (and for every later request with the same constraint) is a lookup, checks included
         self._compiled = lru_cache(maxsize=256)(self._compile)
 
-    def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    @property
+    def compiler(self):
+        """xgrammar's compiler for this vocabulary, built with the first constrained request."""
+        if self._compiler is None:
+            xgr = _xgrammar()
+            vocab, vocab_type, add_prefix_space = self.tokenizer.grammar_vocab()
+            vocab = vocab[:self.vocab_size] + [""] * (self.vocab_size - len(vocab))
+            kinds = {"byte_level": xgr.VocabType.BYTE_LEVEL, "byte_fallback": xgr.VocabType.BYTE_FALLBACK,
+                     "raw": xgr.VocabType.RAW}
+            info = xgr.TokenizerInfo(vocab, kinds[vocab_type], vocab_size=self.vocab_size,
+                                     stop_token_ids=sorted(self.eos_token_ids), add_prefix_space=add_prefix_space)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._compiler
+
+    def compile(self, params: StructuredOutputsParams):
         """Raises ValueError, naming the problem, for a constraint that cannot be compiled or enforced."""
         return self._compiled(*params.key)
 
-    def _compile(self, kind: str, text: str) -> xgr.CompiledGrammar:
+    def _compile(self, kind: str, text: str):
         try:
             if kind == "json":
                 schema = check_json_schema(text)
@@ -105,18 +120,19 @@ class Grammars:
             message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise ValueError(f"cannot compile the {kind} constraint: {_without_location(message)}") from None
 
-    def matchers(self, params: StructuredOutputsParams | None, n: int) -> list[xgr.GrammarMatcher | None]:
+    def matchers(self, params: StructuredOutputsParams | None, n: int) -> list[Any]:
         """One matcher per sequence of a request (each of its n samples walks the grammar on its own)."""
         if params is None:
             return [None] * n
         grammar = self.compile(params)
-        return [xgr.GrammarMatcher(grammar) for _ in range(n)]
+        return [_xgrammar().GrammarMatcher(grammar) for _ in range(n)]
 
-    def mask(self, logits: torch.Tensor, matchers: list[xgr.GrammarMatcher | None]) -> None:
+    def mask(self, logits: torch.Tensor, matchers: list[Any]) -> None:
         """Set to -inf, in place, the logits of tokens that each row's matcher forbids (rows without one stay)."""
         rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
         if not rows:
             return
+        xgr = _xgrammar()
         bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
         for i in rows:
             matchers[i].fill_next_token_bitmask(bitmask, i)

@@ -1,9 +1,11 @@
-"""Read a GGUF file: its config from the metadata, its tensors dequantised with the `gguf` package."""
+"""Read a GGUF file: its config from the metadata, its tensors dequantised with the `gguf` package, and its Q4_1
+and Q8_0 tensors as stored (for the kernels that compute with them, models/quantize.py)."""
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 # GGUF general.architecture -> the Hugging Face architecture we run it as
@@ -83,19 +85,68 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _permutation(name: str, cfg: dict) -> int | None:
+    """The head count whose rope reordering llama.cpp applied to this tensor's rows, or None."""
+    if cfg["architectures"][0] != "LlamaForCausalLM":
+        return None
+    if name.endswith("attn_q.weight"):
+        return cfg["num_attention_heads"]
+    if name.endswith("attn_k.weight"):
+        return cfg["num_key_value_heads"]
+    return None
+
+
 def gguf_weights(reader: GGUFReader, cfg: dict) -> dict[str, torch.Tensor]:
     """All tensors, dequantised to float32, under Hugging Face names and layouts."""
-    permute = cfg["architectures"][0] == "LlamaForCausalLM"
     weights = {}
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type)
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        if permute and t.name.endswith("attn_q.weight"):
-            w = _unpermute(w, cfg["num_attention_heads"])
-        elif permute and t.name.endswith("attn_k.weight"):
-            w = _unpermute(w, cfg["num_key_value_heads"])
+        if (heads := _permutation(t.name, cfg)) is not None:
+            w = _unpermute(w, heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:  # unquantised tensors are views of the read-only memory map
             w = w.copy()
         weights[_hf_name(t.name)] = torch.from_numpy(w)
     return weights
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight [rows, cols] as a GGUF block format stores it: in groups of 32 along each row, integers q
+    (Q4_1: 0..15, Q8_0: -127..127), a float16 scale d per group and, for Q4_1, a float16 minimum m
+    (w = d * q + m)."""
+    kind: str                  # "q4_1" | "q8_0"
+    q: torch.Tensor            # uint8 [rows, cols] (Q4_1) or int8 (Q8_0)
+    d: torch.Tensor            # float16 [rows, cols / 32]
+    m: torch.Tensor | None     # float16 [rows, cols / 32], Q4_1 only
+
+
+def _blocks(t, width: int) -> np.ndarray:
+    rows = int(np.prod([int(d) for d in t.shape[1:]]))
+    return np.asarray(t.data).reshape(rows, -1, width)
+
+
+def gguf_quantized(reader: GGUFReader, cfg: dict) -> dict[str, QuantizedWeight]:
+    """The Q4_1 and Q8_0 matrices of the file as stored, under Hugging Face names and row order; tensors of other
+    types are left out (the caller decides whether it can do without them)."""
+    out = {}
+    for t in reader.tensors:
+        if t.tensor_type == GGMLQuantizationType.Q4_1:
+            b = _blocks(t, 20)  # per block: d, m (float16), then 16 bytes holding q[j] | q[j + 16] << 4
+            d, m = b[..., 0:2].copy().view(np.float16)[..., 0], b[..., 2:4].copy().view(np.float16)[..., 0]
+            qs = b[..., 4:]
+            q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(b.shape[0], -1)
+            weight = QuantizedWeight("q4_1", q, d, m)
+        elif t.tensor_type == GGMLQuantizationType.Q8_0:
+            b = _blocks(t, 34)  # per block: d (float16), then 32 int8
+            d = b[..., 0:2].copy().view(np.float16)[..., 0]
+            weight = QuantizedWeight("q8_0", b[..., 2:].copy().view(np.int8).reshape(b.shape[0], -1), d, None)
+        else:
+            continue
+        if (heads := _permutation(t.name, cfg)) is not None:
+            weight = QuantizedWeight(weight.kind, *(None if a is None else _unpermute(a, heads)
+                                                    for a in (weight.q, weight.d, weight.m)))
+        out[_hf_name(t.name)] = QuantizedWeight(weight.kind, *(None if a is None else torch.from_numpy(
+            np.ascontiguousarray(a)) for a in (weight.q, weight.d, weight.m)))
+    return out

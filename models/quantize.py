@@ -16,16 +16,20 @@ tensor, and the inputs of the attention and MLP projections carry outlier channe
 (quantizing them took SmolLM2's top-1 agreement with float32 to 0.50-0.77 on a test sentence). The head alone
 keeps 1.00 on that sentence but only 0.81 on the 60-token paragraph of tests/test_quantize.py (int4: 0.98).
 
-Neither is the default: which path a sequence's rows take depends on the step's batch ("int4"), or the activation
-scale spans it ("int8"), so a sequence's logits can depend on what else is in the batch, which the float32 path
-guarantees they never do."""
+Neither is invariant: which path a sequence's rows take depends on the step's batch ("int4"), or the activation
+scale spans it ("int8"), so a sequence's logits can depend on what else is in the batch.
+
+"gguf": a GGUF file's own Q4_1 and Q8_0 matrices, computed as stored by kernels/cpu_ops.py (C++, AVX2), the way
+llama.cpp computes them: activations quantized to int8 per row and group of 32, integer dot products, float32
+accumulation in a fixed order. No weight is re-quantized, and every output row is bit-identical whatever else shares
+the step, so this path is batch-invariant."""
 import torch
 from torch import nn
 
 from models.cpu_linear import CPULinear, replace_linears
 from models.llama import LlamaForCausalLM
 
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "gguf")
 INT4_GROUP = 32
 INT4_MAX_ROWS = 12  # measured crossover with float32 GEMM on 2 AVX2 cores (benchmarks/results/cpu_linear.md)
 
@@ -85,3 +89,66 @@ def quantize_int8(model: LlamaForCausalLM, device: torch.device) -> LlamaForCaus
     torch.backends.quantized.engine = "fbgemm"
     spec = {"lm_head": torch.ao.quantization.per_channel_dynamic_qconfig}
     return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+
+
+class GGUFLinear(nn.Module):
+    """A projection computed from packed GGUF Q4_1 or Q8_0 weights (kernels/cpu_ops.py); float32 in and out."""
+
+    def __init__(self, kind: str, packed, bias: torch.Tensor | None):
+        super().__init__()
+        from kernels import cpu_ops
+        ops = cpu_ops.load()  # builds the extension on first use and registers the ops' shapes for torch.compile
+        self.kind = kind
+        self.op = ops.q4_1_linear if kind == "q4_1" else ops.q8_0_linear
+        self.register_buffer("qs", packed.qs, persistent=False)
+        self.register_buffer("scales", packed.scales, persistent=False)
+        self.out_features = packed.n
+        self.in_features = packed.qs.shape[1] * 32
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.qs, self.scales, self.out_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _gguf_linear(linear: nn.Linear, names: list[str], quantized: dict) -> GGUFLinear:
+    """One GGUFLinear from the GGUF tensors fused into `linear` (q, k, v or gate, up: rows one after another)."""
+    from kernels import cpu_quant
+    parts = [quantized.get(name) for name in names]
+    missing = [name for name, part in zip(names, parts) if part is None]
+    if missing:
+        raise ValueError(f"quantization='gguf' computes with Q4_1 and Q8_0 tensors only; the file stores {missing[0]} "
+                         "(by its Hugging Face name) as another type")
+    kinds = {part.kind for part in parts}
+    if len(kinds) > 1:
+        raise ValueError(f"quantization='gguf': the tensors fused into one projection ({', '.join(names)}) mix "
+                         f"{' and '.join(sorted(kinds))}")
+    q = torch.cat([part.q for part in parts])
+    d = torch.cat([part.d for part in parts])
+    packed = cpu_quant.pack_q4_1(q, d, torch.cat([part.m for part in parts])) if parts[0].kind == "q4_1" \
+        else cpu_quant.pack_q8_0(q, d)
+    return GGUFLinear(parts[0].kind, packed, linear.bias)
+
+
+def quantize_gguf(model: LlamaForCausalLM, quantized: dict, device: torch.device) -> LlamaForCausalLM:
+    """Swap every decoder projection (and the output head, when the file stores it as Q4_1 or Q8_0) for a
+    GGUFLinear over the file's own blocks (`quantized`: models.gguf_loader.gguf_quantized)."""
+    _check_cpu("gguf", device)
+    from kernels import cpu_ops
+    if reason := cpu_ops.missing():
+        raise ValueError(f"quantization='gguf' needs tokenmill's CPU kernels: {reason}")
+    cpu_ops.load()
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for i, layer in enumerate(model.layers):
+        for parent, kind in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    pieces = fused.get(name, (name,))
+                    names = [f"model.layers.{i}.{kind}.{piece}.weight" for piece in pieces]
+                    setattr(parent, name, _gguf_linear(child, names, quantized))
+    head = "lm_head.weight" if model.lm_head is not None else "model.embed_tokens.weight"
+    if head in quantized:
+        model.lm_head = _gguf_linear(model.head_module(), [head], quantized)
+    return model

@@ -6,12 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from gguf import GGUFReader
 from sentencepiece import SentencePieceProcessor
 from tokenizers import AddedToken, processors
 
-from models.chat_template import render_chat_template
-from models.gguf_loader import open_gguf
 from models.gguf_tokenizer import NORMAL, SPACE, byte_level_bpe, sentencepiece_bpe
 from models.tool_prompt import template_handles_tools, with_tools_in_prompt
 
@@ -163,9 +160,10 @@ class Tokenizer:
                    extra_eos_token_ids=extra_eos)
 
     @classmethod
-    def from_gguf(cls, source: str | Path | GGUFReader) -> "Tokenizer":
+    def from_gguf(cls, source) -> "Tokenizer":
         """Rebuild the tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata."""
-        reader = source if isinstance(source, GGUFReader) else open_gguf(source)
+        from models.gguf_loader import open_gguf  # the gguf package: needed only for GGUF files
+        reader = open_gguf(source) if isinstance(source, (str, Path)) else source
 
         def meta(key: str, default: Any = None) -> Any:
             field = reader.fields.get(key)
@@ -273,6 +271,7 @@ class Tokenizer:
                                   for m in messages)
         if uses_tools and not template_handles_tools(template):
             messages, tools = with_tools_in_prompt(messages, tools), None
+        from models.chat_template import render_chat_template  # jinja2: needed only to render templates
         return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                     bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
 

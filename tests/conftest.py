@@ -80,6 +80,109 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+# ---- a tiny GGUF file, tiny_checkpoint("qwen2") written as llama.cpp's converter writes it -------------------------
+
+# Hugging Face module -> GGUF tensor name part (llama.cpp's names, spelled out here rather than read from the loader)
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_tensor_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    _, _, layer, *module, suffix = hf_name.split(".")  # model.layers.N.self_attn.q_proj.weight
+    return f"blk.{layer}.{_GGUF_LAYER_NAMES['.'.join(module)]}.{suffix}"
+
+
+def _gguf_tensor_type(name: str):
+    """Projections Q4_1, the token embedding Q8_0 (as SmolLM2's GGUF stores them), norms and biases F32."""
+    from gguf import GGMLQuantizationType
+    if name == "token_embd.weight":
+        return GGMLQuantizationType.Q8_0
+    if name.endswith(".weight") and "norm" not in name:
+        return GGMLQuantizationType.Q4_1
+    return GGMLQuantizationType.F32
+
+
+def _add_gguf_tokenizer(writer, checkpoint: Path, vocab_size: int) -> None:
+    """The directory's byte-level BPE as `tokenizer.ggml.*` metadata."""
+    from gguf import TokenType
+    spec = json.loads((checkpoint / "tokenizer.json").read_text())
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    ids = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    tokens = sorted(ids, key=ids.get)
+    assert [ids[t] for t in tokens] == list(range(len(tokens))), "token ids must be 0..n-1"
+    special = {t["content"] for t in spec["added_tokens"] if t["special"]}
+    types = [TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens]
+    # llama.cpp pads the list to the embedding's rows with unused tokens
+    padding = range(len(tokens), vocab_size)
+    tokens += [f"[PAD{i}]" for i in padding]
+    types += [TokenType.UNUSED] * len(padding)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(ids[config["bos_token"]])
+    writer.add_eos_token_id(ids[config["eos_token"]])
+    writer.add_add_bos_token(config["add_bos_token"])
+    writer.add_chat_template(config["chat_template"])
+
+
+def write_tiny_gguf(checkpoint: Path, path: Path, f16_tensor: str | None = None) -> Path:
+    """Write a qwen2 checkpoint directory as a GGUF file (types: _gguf_tensor_type; `f16_tensor`: one tensor stored
+    as F16 instead). Its biases are zeros and its norms ones, which would leave both untested, so the file gets small
+    random ones instead (the same in every file written)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from models.config import ModelConfig
+    from models.hf_loader import hf_config
+    cfg = ModelConfig.from_hf(hf_config(checkpoint))
+    assert cfg.architecture == "Qwen2ForCausalLM" and cfg.tie_word_embeddings
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_name(checkpoint.name)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    _add_gguf_tokenizer(writer, checkpoint, cfg.vocab_size)
+    rng = np.random.default_rng(0)
+    for hf_name, w in sorted(load_file(checkpoint / "model.safetensors").items()):
+        name = _gguf_tensor_name(hf_name)
+        if name.endswith(".bias"):
+            w = 0.1 * rng.standard_normal(w.shape, dtype=np.float32)
+        elif "norm" in name:
+            w = 1 + 0.1 * rng.standard_normal(w.shape, dtype=np.float32)
+        kind = gguf.GGMLQuantizationType.F16 if name == f16_tensor else _gguf_tensor_type(name)
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(name, w.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
+        else:  # uint8 blocks [rows, bytes per row]: the writer derives the element shape from raw_dtype
+            writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_checkpoint, tmp_path_factory) -> Path:
+    """tiny_checkpoint("qwen2") as a GGUF file: Q4_1 projections, a Q8_0 (tied) token embedding, F32 norms and
+    biases, its tokenizer as gpt2 byte-level BPE metadata (write_tiny_gguf)."""
+    return write_tiny_gguf(tiny_checkpoint("qwen2"), tmp_path_factory.mktemp("tiny-gguf") / "tiny-qwen2.gguf")
+
+
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
     from models.loading import resolve_model_path
@@ -189,8 +292,9 @@ def rag_index(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(rag_index):
     """The default SmolLM2 model served with an API key, embeddings and a rag index; shared by all server tests."""
+    # the first start on a machine measures the CPU paths and compiles the decode step (a few minutes on 2 cores)
     running = RunningServer("default", "--served-model-name", "smollm2", "--max-model-len", "2048",
-                            "--kv-cache-memory", "512MiB", "--rag-index", str(rag_index))
+                            "--kv-cache-memory", "512MiB", "--rag-index", str(rag_index), startup_timeout=600)
     yield running
     running.stop()
 
