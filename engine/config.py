@@ -30,6 +30,8 @@ class EngineConfig:
     seed: int = 0                         # seeds the draws of requests that give no seed of their own
     attention_backend: str = "auto"       # kernels: "triton" on CUDA, "torch" elsewhere, or forced
     quantization: str | None = None       # "int4" / "int8": CPU weight quantization (models/quantize.py); not invariant
+    enforce_eager: bool = False           # no compiled decode step (CPU) and no CUDA graphs (GPU)
+    load_format: str = "auto"             # "dummy": random weights of the checkpoint's shapes (benchmarks)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size"):

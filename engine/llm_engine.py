@@ -16,9 +16,10 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.structured_output import Grammars
-from kernels import get_backend
+from kernels import for_dtype, get_backend
+from engine.path_choice import PATHS, choose_path
 from models.cpu_linear import use_cpu_linears
-from models.loading import load_model
+from models.loading import build_loaded, check_path, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,26 @@ class LLMEngine:
         if device.type == "cpu":
             keep_freed_memory_mapped()
         backend = get_backend(config.attention_backend, device)  # before loading: a bad choice fails fast
-        if config.quantization == "int4" and backend.name != "torch":
+        if config.quantization == "int4" and backend.name == "triton":
             # its float32 path hands on transposed views (models/cpu_linear.py), which the Triton ops do not take
-            raise ValueError("quantization='int4' runs with attention_backend 'torch' (the CPU path)")
-        loaded = load_model(config.model, config.dtype, device, config.quantization)
+            raise ValueError("quantization='int4' runs with the CPU backends ('cpu' or 'torch'), not 'triton'")
+        check_path(config.dtype, config.quantization, device)  # a bad setting fails before any weight is read
+        checkpoint = read_checkpoint(config.model, config.load_format)
+        dtype, quantization = config.dtype, config.quantization
+        if device.type == "cpu" and dtype == "auto" and quantization is None:
+            self.path, _ = choose_path(checkpoint, backend)
+            dtype, quantization = PATHS[self.path]
+        else:
+            self.path = quantization or str(check_path(dtype, quantization, device)).removeprefix("torch.")
+        loaded = build_loaded(checkpoint, dtype, device, quantization)
+        del checkpoint
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = set(loaded.config.eos_token_ids) | set(loaded.tokenizer.eos_token_ids)
         self.vocab_size = loaded.config.vocab_size
         dtype = next(loaded.model.parameters()).dtype
-        if device.type == "cpu" and dtype == torch.float32 and backend.name == "torch":
+        backend = for_dtype(backend, dtype)
+        if device.type == "cpu" and dtype == torch.float32 and backend.name != "triton":
             use_cpu_linears(loaded.model)  # faster small-batch products (models/cpu_linear.py)
         num_blocks = self._num_blocks(config, device, dtype)
         self.max_model_len = self._max_model_len(config, num_blocks)
@@ -62,8 +73,11 @@ class LLMEngine:
         budget = config.max_num_batched_tokens or (_CUDA_CHUNK if device.type == "cuda" else _CPU_CHUNK)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device, backend)
-        logger.info("kernels: %s", backend.name)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device, backend,
+                                  config.max_num_seqs, self.max_model_len, config.enforce_eager)
+        logger.info("kernels: %s; path: %s%s", backend.name, self.path,
+                    "" if config.enforce_eager or self.runner.decode_step is None else
+                    (", decode steps as CUDA graphs" if device.type == "cuda" else ", decode steps compiled"))
         self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids, self.grammars)
         self.requests: dict[str, _Request] = {}

@@ -1,8 +1,12 @@
-"""Runs the model on one scheduled step: builds the flat batch, owns the KV cache tensors."""
+"""Runs the model on one scheduled step: builds the flat batch, owns the KV cache tensors.
+
+Prefill steps run eagerly on tensors built for the step. Decode steps go through engine/decode_step.py's static
+step (compiled on CPU, CUDA graphs on GPU) when the backend's kernels allow it and enforce_eager is off."""
 import logging
 
 import torch
 
+from engine.decode_step import DecodeStep
 from engine.sequence import Sequence
 from kernels import TORCH, AttentionMetadata, Backend
 from models.llama import LlamaForCausalLM
@@ -12,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, backend: Backend = TORCH):
+                 device: torch.device, backend: Backend = TORCH, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, enforce_eager: bool = True):
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -25,6 +30,12 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
+        self.decode_step = None
+        # CUDA graphs of the Triton kernels, or the compiled CPU step with the cpu backend (Triton's interpreter
+        # on a CPU cannot be compiled)
+        if not enforce_eager and backend.graph_safe and (device.type == "cuda") == (backend.name == "triton"):
+            max_blocks = -(-(max_model_len or num_blocks * block_size) // block_size)
+            self.decode_step = DecodeStep(model, backend, max_num_seqs, max_blocks, block_size, dtype, device)
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
@@ -69,6 +80,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Next-token logits [len(seqs), vocab], float32."""
+        if not is_prefill and self.decode_step is not None:
+            return self.model.compute_logits(self.decode_step.run(seqs))
         prepare = self._prepare_prefill if is_prefill else self._prepare_decode
         input_ids, positions, meta, last = prepare(seqs)
         hidden = self.model(input_ids, positions, meta)

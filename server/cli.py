@@ -14,7 +14,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="default",
                    help="a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV cache dtype; auto = bf16 on CUDA and CPUs with fast bf16, else fp32")
+                   help="weights and KV cache dtype; auto = bf16 on CUDA; on a CPU (without --quantization) the "
+                        "fastest batch-invariant path, measured once per machine and model (engine/path_choice.py)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's, capped by the KV cache)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together in one step")
@@ -26,12 +27,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the KV blocks of prompts that start alike")
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
-                   help="kernels for attention and fused ops: auto = Triton on CUDA, plain torch on CPU")
+                   help="kernels for attention and fused ops: auto = Triton on CUDA; on a CPU tokenmill's C++ "
+                        "kernels (cpu) where they build, else plain torch")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                   help="CPU only. int4: 4-bit projections (Q4_1 groups; lossless for a Q4_1 GGUF) with bfloat16 "
-                        f"activations for decode steps of up to {INT4_MAX_ROWS} rows, much faster at low "
-                        "concurrency; int8: an fbgemm int8 output head. Either way logits may change with the batch "
-                        "(the float32 default's never do)")
+                   help="CPU only. gguf: a GGUF file's own Q4_1 / Q8_0 blocks with int8 activations (as llama.cpp "
+                        "computes them; batch-invariant); int4: 4-bit projections (Q4_1 groups) with bfloat16 "
+                        f"activations for decode steps of up to {INT4_MAX_ROWS} rows; int8: an fbgemm int8 output "
+                        "head. int4 and int8 are not batch-invariant: logits may change with the batch")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly: no compiled step on a CPU, no CUDA graphs on a GPU")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -39,7 +43,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
                         attention_backend=args.attention_backend,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization)
+                        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
+                        enforce_eager=args.enforce_eager)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -103,7 +108,7 @@ def _generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-              quantization=args.quantization)
+              quantization=args.quantization, enforce_eager=args.enforce_eager)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:

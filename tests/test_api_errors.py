@@ -117,7 +117,7 @@ def test_unknown_fields_are_ignored(http):
 
 
 def test_server_still_serves_after_all_the_bad_input(http, server):
-    path, body = chat(messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+    path, body = chat(messages=[{"role": "user", "content": "Name the capital of France."}], temperature=0,
                       max_tokens=30)
     r = http.post(path, json=body)
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]

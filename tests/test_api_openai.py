@@ -8,7 +8,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2"
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# "What is the capital of France?" is a near-tie for this 135M model (top-2 margin 0.08 in float32): bf16 and the
+# default gguf path answer it in French, as llama.cpp does; asked this way the margin is 1.0 on every path
+FRANCE = [{"role": "user", "content": "Name the capital of France."}]
 QUESTIONS = [FRANCE, [{"role": "user", "content": "Write one sentence about the sea."}],
              [{"role": "system", "content": "You answer briefly."},
               {"role": "user", "content": "List two fruits."}]]
@@ -160,8 +162,8 @@ def test_vllm_extra_parameters_pass_through(openai_client):
 
 
 def test_content_as_text_parts_equals_plain_string(openai_client):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
-                                          {"type": "text", "text": "of France?"}]}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name the capital "},
+                                          {"type": "text", "text": "of France."}]}]
     a = _chat(openai_client, parts, temperature=0, max_tokens=20).choices[0].message.content
     assert a == _chat(openai_client, FRANCE, temperature=0, max_tokens=20).choices[0].message.content
 

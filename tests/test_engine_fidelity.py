@@ -79,3 +79,43 @@ def test_default_model_fidelity_with_a_shared_system_prompt(smollm_gguf):
         if name == "cached":
             assert llm.engine.block_manager.prefix_hits >= 4 * 128  # the system prompt: ~140 tokens
     assert runs["plain"] == runs["cached"] == runs["chunked"]
+
+
+def _with_logprobs(outputs) -> list[list[tuple[int, dict]]]:
+    return [[(t, lp) for t, lp in zip(c.token_ids, c.logprobs)] for o in outputs for c in o.outputs]
+
+
+def test_the_cpu_gguf_path_is_bit_exact_however_requests_are_served(tiny_gguf):
+    """The CPU path a Q4_1 GGUF runs by default (tokenmill's C++ kernels, compiled decode step): one computation per
+    token, so every way of serving gives the same tokens and the same logprobs to the last bit -- (a)-(e) as
+    above, (g) n = 2, and the eager step. Its int8 activations would turn any last-bit difference upstream into a
+    different rounding, so this is what keeps them from ever changing."""
+    from kernels import cpu_ops
+    if cpu_ops.missing():
+        pytest.skip(f"no CPU kernels: {cpu_ops.missing()}")
+    prompts = shared_prefix_prompts(TINY_VOCAB)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
+
+    def llm(**kw):
+        kw.setdefault("num_kv_blocks", 128)
+        return LLM(str(tiny_gguf), quantization="gguf", max_model_len=160, **kw)
+
+    plain = llm(enable_prefix_caching=False, enforce_eager=True)
+    assert plain.engine.runner.backend.name == "cpu"
+    alone = [_with_logprobs(plain.generate([p], params, use_tqdm=False))[0] for p in prompts]
+    assert _with_logprobs(plain.generate(prompts, params, use_tqdm=False)) == alone  # (b)
+
+    cached = llm()  # compiled decode step, prefix caching on
+    assert cached.engine.runner.decode_step is not None
+    assert _with_logprobs(cached.generate(prompts, params, use_tqdm=False)) == alone
+    hits = cached.engine.block_manager.prefix_hits
+    assert _with_logprobs(cached.generate(prompts, params, use_tqdm=False)) == alone  # (c) warm
+    assert cached.engine.block_manager.prefix_hits > hits
+    two = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3, n=2)  # (g)
+    assert _with_logprobs(cached.generate(prompts, two, use_tqdm=False)) == [a for a in alone for _ in range(2)]
+
+    chunked = llm(max_num_batched_tokens=5)  # (d)
+    assert _with_logprobs(chunked.generate(prompts, params, use_tqdm=False)) == alone
+    tight = llm(num_kv_blocks=14)  # (e) preemption: decoded tokens are computed again in a prefill
+    assert _with_logprobs(tight.generate(prompts, params, use_tqdm=False)) == alone
+    assert tight.engine.num_preemptions > 0

@@ -112,5 +112,5 @@ def test_int4_engine_decode_rows_do_not_depend_on_the_batch(tiny_checkpoint, arc
 
 
 def test_int4_refuses_the_triton_backend(tiny_checkpoint):
-    with pytest.raises(ValueError, match="attention_backend 'torch'"):
+    with pytest.raises(ValueError, match="runs with the CPU backends"):
         LLM(str(tiny_checkpoint("llama")), quantization="int4", attention_backend="triton")
