@@ -1,5 +1,6 @@
 """Read a GGUF file: its config from the metadata, its tensors dequantised with the `gguf` package, and its Q4_1
 and Q8_0 tensors as stored (for the kernels that compute with them, models/quantize.py)."""
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,18 @@ _TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    return _read(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(path: Path, size: int, mtime_ns: int) -> GGUFReader:
+    """A read-only view of the file, kept for the next load of it in this process: parsing the metadata (the
+    tokenizer's 49k tokens and merges for the default model) takes ~5 s. Size and mtime key it to the file's
+    contents."""
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on a truncated or foreign file

@@ -72,7 +72,10 @@ def test_default_model_fidelity_with_a_shared_system_prompt(smollm_gguf):
     runs = {}
     for name, kw in {"plain": dict(enable_prefix_caching=False), "cached": {},
                      "chunked": dict(max_num_batched_tokens=48)}.items():
-        llm = LLM(str(smollm_gguf), dtype="float32", max_model_len=1024, kv_cache_memory="256MiB", **kw)
+        # eager: compiling the 30-layer float32 step costs two minutes on 2 cores; the compiled float32 step is
+        # checked on the tiny models above, the default model's default path in test_default_path.py
+        llm = LLM(str(smollm_gguf), dtype="float32", max_model_len=1024, kv_cache_memory="256MiB", enforce_eager=True,
+                  **kw)
         if name == "cached":
             llm.chat(conversations[:1], params, use_tqdm=False)  # warm the system prompt's blocks
         runs[name] = _tokens(llm.chat(conversations, params, use_tqdm=False))
