@@ -146,16 +146,35 @@ def _commit() -> str:
         return "unknown"
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector flags that decide which kernels are fast on it."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), platform.machine())
+    family = [l.split(":", 1)[1].strip() for l in info if l.startswith(("cpu family", "model\t"))][:2]
+    flags = set(next((l.split(":", 1)[1].split() for l in info if l.startswith("flags")), []))
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16"]
+    shown = [f for f in wanted if f in flags]
+    return (f"{name}" + (f" (family {family[0]} model {family[1]})" if len(family) == 2 else "") +
+            f", flags {' '.join(shown) or 'none of ' + ' '.join(wanted)}")
+
+
 def report(args, summaries: list[Summary], workload: Workload, png: Path | None) -> str:
     import torch
 
     from models.loading import resolve_dtype
     dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    if args.dtype == "auto":  # tokenmill on a CPU runs the path it measures fastest, not a dtype
+        dtype = (f"auto (tokenmill: the fastest batch-invariant path it measured on this machine, named in its log; "
+                 f"transformers: {dtype})")
     lines = [f"# Serving benchmark: {args.name}", "",
              f"{datetime.datetime.now():%Y-%m-%d %H:%M} · {platform.processor() or platform.machine()} · "
              f"{os.cpu_count()} cores · torch {torch.__version__} · commit {_commit()}", "",
-             f"Model `{args.model}`, dtype {dtype} (tokenmill, transformers; llama.cpp runs the GGUF's own "
-             f"quantisation). Workload: {workload.description}; "
+             f"CPU: {cpu_description()}", "",
+             f"Model `{args.model}`, dtype {dtype}; llama.cpp runs the GGUF's own quantisation. "
+             f"Workload: {workload.description}; "
              f"{'Poisson arrivals at %g req/s' % args.request_rate if args.request_rate else 'fixed concurrency'}"
              f" (requests per point: {', '.join(str(num_prompts(args, c)) for c in loads_of(args))}).", "",
              markdown_table(summaries), ""]
