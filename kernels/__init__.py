@@ -27,6 +27,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill")
 
 
+# inductor fixes its cache directory the first time anything asks for it (building the CPU extension does), so it
+# is named here, at import, rather than where the decode step compiles
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str

@@ -1,5 +1,9 @@
 """The static decode step (engine/decode_step.py): compiled on CPU, it gives the tokens of the eager step, and
 one graph serves every batch size. (CUDA graphs are checked on a GPU by benchmarks/gpu_check.sh.)"""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -57,3 +61,13 @@ def test_one_compiled_graph_serves_every_batch_size(tiny_checkpoint):
         llm.generate(_prompts(count), PARAMS, use_tqdm=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
     assert step.buffers.input_ids.shape[0] == llm.engine.config.max_num_seqs
+
+
+def test_compiled_code_is_kept_under_tokenmills_cache_dir(tmp_path):
+    # in a fresh process: inductor fixes its directory the first time it is asked, and building the CPU kernels asks
+    code = ("import kernels, torch._inductor.runtime.cache_dir_utils as c; from kernels import cpu_ops; "
+            "cpu_ops.load(); print(c.cache_dir())")
+    env = {**os.environ, "TOKENMILL_CACHE_DIR": str(tmp_path), "TOKENMILL_EXT_DIR": str(cpu_ops.build_dir().parent)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "inductor")
