@@ -2,6 +2,7 @@
 import re
 from dataclasses import dataclass
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -31,6 +32,8 @@ class EngineConfig:
     attention_backend: str = "auto"       # kernels: "triton" on CUDA, "torch" elsewhere, or forced
     quantization: str | None = None       # "int4" / "int8": CPU weight quantization (models/quantize.py); not invariant
     enforce_eager: bool = False           # no compiled decode step (CPU) and no CUDA graphs (GPU)
+    kv_cache_dtype: str = "auto"          # "auto": float16 for GGUF blocks on the CPU kernels, else the model's;
+                                          # or "float32" / "float16" (engine/model_runner.py: kv_cache_dtype)
     load_format: str = "auto"             # "dummy": random weights of the checkpoint's shapes (benchmarks)
 
     def __post_init__(self) -> None:
@@ -41,6 +44,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
             if self.kv_cache_memory <= 0:

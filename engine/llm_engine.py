@@ -9,7 +9,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.malloc_tuning import keep_freed_memory_mapped
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, kv_cache_dtype
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -66,7 +66,8 @@ class LLMEngine:
         backend = for_dtype(backend, dtype)
         if device.type == "cpu" and dtype == torch.float32 and backend.name != "triton":
             use_cpu_linears(loaded.model)  # faster small-batch products (models/cpu_linear.py)
-        num_blocks = self._num_blocks(config, device, dtype)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, quantization, backend)
+        num_blocks = self._num_blocks(config, device, self.kv_dtype)
         self.max_model_len = self._max_model_len(config, num_blocks)
         # the prefill chunk size: small on CPU, where a 512-token chunk already keeps the cores busy and
         # inter-token latency of the running streams stays within one chunk's time
@@ -74,7 +75,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device, backend,
-                                  config.max_num_seqs, self.max_model_len, config.enforce_eager)
+                                  config.max_num_seqs, self.max_model_len, config.enforce_eager, self.kv_dtype)
         logger.info("kernels: %s; path: %s%s", backend.name, self.path,
                     "" if config.enforce_eager or self.runner.decode_step is None else
                     (", decode steps as CUDA graphs" if device.type == "cuda" else ", decode steps compiled"))
@@ -83,9 +84,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = count()
         torch.manual_seed(config.seed)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB); max_model_len %d",
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
                     num_blocks, config.block_size, num_blocks * config.block_size,
-                    self.runner.k_cache.nbytes * 2 / 2**20, self.max_model_len)
+                    self.runner.k_cache.nbytes * 2 / 2**20, str(self.kv_dtype).removeprefix("torch."),
+                    self.max_model_len)
 
     def _num_blocks(self, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
         if config.num_kv_blocks is not None:

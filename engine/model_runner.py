@@ -14,10 +14,23 @@ from models.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 
+def kv_cache_dtype(setting: str, dtype: torch.dtype, quantization: str | None, backend: Backend) -> torch.dtype:
+    """The KV cache's dtype for a model computing in `dtype`. "auto": float16 when GGUF blocks run on tokenmill's
+    CPU kernels (llama.cpp's default cache: half the bytes a decode step's attention reads, and the model's weights
+    are 4-bit anyway), else the model's own dtype. A cache narrower than the model needs the 'cpu' backend."""
+    if setting == "auto":
+        return torch.float16 if quantization == "gguf" and backend.name == "cpu" else dtype
+    chosen = getattr(torch, setting)
+    if chosen != dtype and not (chosen == torch.float16 and dtype == torch.float32 and backend.name == "cpu"):
+        raise ValueError(f"kv_cache_dtype={setting!r} with a {str(dtype).removeprefix('torch.')} model and the "
+                         f"{backend.name!r} backend: only the 'cpu' backend keeps a float16 cache for float32 models")
+    return chosen
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, backend: Backend = TORCH, max_num_seqs: int = 256,
-                 max_model_len: int | None = None, enforce_eager: bool = True):
+                 max_model_len: int | None = None, enforce_eager: bool = True, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -25,8 +38,8 @@ class ModelRunner:
         cfg = model.config
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # zeros, not empty: attention masks padded slots, and 0 * NaN from stale garbage would still be NaN
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_cache = torch.zeros(shape, dtype=kv_dtype or dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=kv_dtype or dtype, device=device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]

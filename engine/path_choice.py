@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from engine.block_manager import BlockManager
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, kv_cache_dtype
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kernels import Backend, cache_dir, for_dtype
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 PATHS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int4": ("float32", "int4"),
          "int8": ("float32", "int8"), "gguf": ("float32", "gguf")}
 _CHECKED, _TIMED, _CONTEXT, _BLOCK = 4, 16, 128, 16
-_VERSION = 1  # bump when what is measured changes, so cached choices are measured again
+_VERSION = 2  # bump when what is measured changes, so cached choices are measured again (2: float16 KV for gguf)
 
 
 @dataclass
@@ -105,11 +105,12 @@ def eligible(checkpoint: Checkpoint) -> list[str]:
 class _Bench:
     """A model on a small KV cache, driven step by step as the engine drives it (eager steps)."""
 
-    def __init__(self, model, backend: Backend, vocab: int, seed: int = 0):
+    def __init__(self, model, backend: Backend, vocab: int, quantization: str | None, seed: int = 0):
         blocks_each = -(-(_CONTEXT + 1) // _BLOCK)  # room for the decoded token too
         self.blocks = BlockManager((_CHECKED + _TIMED) * blocks_each, _BLOCK, False)
         dtype = next(model.parameters()).dtype
-        self.runner = ModelRunner(model, self.blocks.num_blocks, _BLOCK, dtype, torch.device("cpu"), backend)
+        self.runner = ModelRunner(model, self.blocks.num_blocks, _BLOCK, dtype, torch.device("cpu"), backend,
+                                  kv_dtype=kv_cache_dtype("auto", dtype, quantization, backend))
         g = torch.Generator().manual_seed(seed)
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -159,7 +160,8 @@ def measure(name: str, checkpoint: Checkpoint, backend: Backend) -> PathResult:
     if dtype == "float32" and quantization != "int8":
         from models.cpu_linear import use_cpu_linears
         use_cpu_linears(model)  # as the engine runs float32 (models/cpu_linear.py)
-    bench = _Bench(model, for_dtype(backend, next(model.parameters()).dtype), checkpoint.config.vocab_size)
+    bench = _Bench(model, for_dtype(backend, next(model.parameters()).dtype), checkpoint.config.vocab_size,
+                   quantization)
     seqs = bench.checked
     alone = [bench.prefill([s]) for s in seqs]
     invariant = all(torch.equal(bench.prefill(seqs[i:i + 2]), torch.cat(alone[i:i + 2]))

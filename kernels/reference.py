@@ -2,6 +2,8 @@
 
 Cache layout: one tensor per layer for K and one for V, [num_blocks, block_size, num_kv_heads, head_dim].
 The token at position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
+The caches may hold a narrower dtype than q, k and v (a float16 cache for a float32 model): values are rounded as
+they are stored and widened to q's dtype as they are read.
 """
 import torch
 import torch.nn.functional as F
@@ -14,8 +16,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if slot_mapping.numel() and int(slot_mapping.min()) < 0:
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -41,10 +43,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         start, end = cu_seqlens_q[i], cu_seqlens_q[i + 1]
         n_q = end - start
         qi = q[start:end].transpose(0, 1).unsqueeze(0)
-        if ctx == n_q:
+        if ctx == n_q and k_cache.dtype == q.dtype:
             ki, vi, mask, causal = k[start:end], v[start:end], None, True
-        else:
-            ki, vi = _gather(k_cache, block_tables[i], ctx), _gather(v_cache, block_tables[i], ctx)
+        else:  # a cached prefix, or a narrower cache whose rounded values every row must see
+            ki = _gather(k_cache, block_tables[i], ctx).to(q.dtype)
+            vi = _gather(v_cache, block_tables[i], ctx).to(q.dtype)
             # query row r sits at position ctx - n_q + r and sees keys up to and including that position
             q_pos = torch.arange(ctx - n_q, ctx, device=q.device).unsqueeze(1)
             mask, causal = torch.arange(ctx, device=q.device).unsqueeze(0) <= q_pos, False
@@ -97,6 +100,7 @@ def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     flat_tables = block_tables.reshape(-1)
     k = k_cache.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
     v = v_cache.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    k, v = k.to(q.dtype), v.to(q.dtype)
     # the heads that share a KV head become that head's query rows: no repeat of K/V needed
     qg = q.view(batch, num_kv_heads, group, head_dim)
     mask = (torch.arange(max_len, device=q.device) < context_lens.unsqueeze(1)).view(batch, 1, 1, max_len)

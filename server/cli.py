@@ -5,7 +5,7 @@ import os
 import sys
 
 from engine import LLM, LLMEngine, SamplingParams
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_DTYPES, EngineConfig
 from kernels import BACKENDS
 from models.quantize import INT4_MAX_ROWS, QUANTIZATIONS
 
@@ -36,6 +36,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "head. int4 and int8 are not batch-invariant: logits may change with the batch")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly: no compiled step on a CPU, no CUDA graphs on a GPU")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto = float16 for a GGUF file's blocks on the CPU kernels (as llama.cpp's cache), else the "
+                        "model's dtype; float16 with a float32 model needs the cpu attention backend")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -44,7 +47,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
                         attention_backend=args.attention_backend,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-                        enforce_eager=args.enforce_eager)
+                        enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -108,7 +111,7 @@ def _generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-              quantization=args.quantization, enforce_eager=args.enforce_eager)
+              quantization=args.quantization, enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:

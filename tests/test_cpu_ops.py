@@ -233,9 +233,29 @@ def test_attention_with_no_context_is_zero(ops):
     assert torch.equal(out[0], torch.zeros_like(out[0])) and out[1].abs().sum() > 0
 
 
-def test_a_sequences_attention_is_bit_identical_alone_in_any_batch_and_table_width(ops, threads):
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 40)])
+def test_float16_caches_match_the_reference(ops, heads, kv_heads, dim):
+    q, k, v, tables, lens = _paged([1, 17, 100, 16, 300], heads, kv_heads, dim)
+    k, v = k.half(), v.half()
+    want = cpu_ops.paged_decode_attention_reference(q, k, v, tables, lens, dim ** -0.5)
+    assert want.dtype == torch.float32
+    torch.testing.assert_close(ops.paged_decode_attention(q, k, v, tables, lens, dim ** -0.5), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_attention_refuses_caches_of_two_dtypes_or_bfloat16(ops):
+    q, k, v, tables, lens = _paged([20], 9, 3, 64)
+    with pytest.raises(RuntimeError, match="alike"):
+        ops.paged_decode_attention(q, k.half(), v, tables, lens, 0.125)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        ops.paged_decode_attention(q, k.bfloat16(), v.bfloat16(), tables, lens, 0.125)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_a_sequences_attention_is_bit_identical_alone_in_any_batch_and_table_width(ops, threads, cache_dtype):
     lens = [37, 1, 250, 64, 0, 129, 16]
     q, k, v, tables, ctx = _paged(lens, 9, 3, 64)
+    k, v = k.to(cache_dtype), v.to(cache_dtype)
     full = ops.paged_decode_attention(q, k, v, tables, ctx, 0.125)
     for b in range(len(lens)):
         alone = ops.paged_decode_attention(q[b:b + 1], k, v, tables[b:b + 1], ctx[b:b + 1], 0.125)

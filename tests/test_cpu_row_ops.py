@@ -189,6 +189,30 @@ def test_prefill_attention_matches_the_reference(ops, case, heads, kv_heads, dim
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_attention_over_float16_caches_matches_the_reference(ops, case):
+    q, k, v, *rest = _prefill_batch(*CASES[case], 9, 3, 64)
+    args = (q, k.half(), v.half(), *rest)
+    got = ops.paged_prefill_attention(*args, 0.125)
+    torch.testing.assert_close(got, cpu_ops.paged_prefill_attention_reference(*args, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_store_kv_rounds_into_float16_caches_as_torch_does(ops):
+    g = _gen(4)
+    k, v = torch.randn(40, 3, 64, generator=g) * 30, torch.randn(40, 3, 64, generator=g)
+    slots = torch.randperm(10 * PAGE, generator=g)[:40]
+    slots[[3, 17]] = -1  # padding rows write nothing
+    for rows in ((k, v), (k.transpose(1, 2).contiguous().transpose(1, 2), v[:, :, :]), (k[:, :, ::2], v[:, :, ::2])):
+        dim = rows[0].shape[-1]
+        got = [torch.zeros(10, PAGE, 3, dim, dtype=torch.float16) for _ in range(2)]
+        want = [torch.zeros(10, PAGE, 3, dim, dtype=torch.float16) for _ in range(2)]
+        ops.store_kv(*rows, *got, slots)
+        reference.store_kv(*rows, *want, slots)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.store_kv(k.half(), v.half(), torch.zeros(10, PAGE, 3, 64), torch.zeros(10, PAGE, 3, 64), slots)
+
+
 def _decode_each_token(ops, q, k_cache, v_cache, cu, contexts, tables, scale):
     """Every query row as a decode step: one sequence per row, context = its position + 1."""
     seq = torch.repeat_interleave(torch.arange(len(contexts)), cu.diff())
@@ -197,10 +221,13 @@ def _decode_each_token(ops, q, k_cache, v_cache, cu, contexts, tables, scale):
     return ops.paged_decode_attention(q, k_cache, v_cache, tables[seq], lens, scale)
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 4, 128), (8, 2, 40), (5, 1, 32)])
-def test_a_prefilled_token_attends_bit_for_bit_as_its_decode_step(ops, threads, heads, kv_heads, dim):
+@pytest.mark.parametrize("heads, kv_heads, dim, cache_dtype", [(9, 3, 64, torch.float32), (4, 4, 128, torch.float32),
+                                                              (8, 2, 40, torch.float32), (5, 1, 32, torch.float32),
+                                                              (9, 3, 64, torch.float16)])
+def test_a_prefilled_token_attends_bit_for_bit_as_its_decode_step(ops, threads, heads, kv_heads, dim, cache_dtype):
     q, k, v, cu, contexts, tables = _prefill_batch([5, 16, 40, 1, 0, 9], [21, 16, 100, 1, 7, 130], heads, kv_heads,
                                                    dim, seed=dim)
+    k, v = k.to(cache_dtype), v.to(cache_dtype)
     want = _decode_each_token(ops, q, k, v, cu, contexts, tables, 0.1)
     for n in (2, 1):
         threads(n)

@@ -132,7 +132,7 @@ def test_greedy_generation_and_its_logprobs_are_the_same_alone_and_in_a_batch(ti
     # cache, through another attention call that rounds differently (last-bit logprob differences, measured)
     llm = LLM(str(tiny_gguf), quantization="gguf", enforce_eager=True, num_kv_blocks=64, max_model_len=256,
               enable_prefix_caching=False)
-    assert isinstance(llm.engine.runner.model.lm_head, GGUFLinear)
+    assert isinstance(llm.engine.runner.model.lm_head, GGUFLinear) and llm.engine.kv_dtype == torch.float16
 
     def steps(outputs) -> list[tuple[list[int], list[dict[int, float]]]]:
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
@@ -151,6 +151,22 @@ def test_load_model_builds_the_gguf_path_in_a_fresh_process(tiny_gguf):
     run = subprocess.run([sys.executable, "-c", code, str(tiny_gguf)], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "GGUFLinear", run.stderr[-2000:]
+
+
+@needs_kernels
+def test_the_kv_cache_is_float16_on_the_gguf_path_unless_asked(tiny_gguf, tiny_checkpoint):
+    from engine import LLM
+    from engine.config import EngineConfig
+    kw = dict(quantization="gguf", enforce_eager=True, num_kv_blocks=8, max_model_len=128)
+    assert LLM(str(tiny_gguf), **kw).engine.runner.k_cache.dtype == torch.float16  # as llama.cpp's cache
+    assert LLM(str(tiny_gguf), kv_cache_dtype="float32", **kw).engine.runner.v_cache.dtype == torch.float32
+    plain = LLM(str(tiny_checkpoint("qwen2")), dtype="float32", enforce_eager=True, num_kv_blocks=8, max_model_len=128)
+    assert plain.engine.runner.k_cache.dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype='float16' with a float32 model and the 'torch' backend"):
+        LLM(str(tiny_checkpoint("qwen2")), dtype="float32", attention_backend="torch", kv_cache_dtype="float16",
+            num_kv_blocks=8)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, float16"):
+        EngineConfig(kv_cache_dtype="fp8")
 
 
 # ---- what the path refuses ----------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 // through the block table (no gather copy). One task per (sequence, KV head): its H / KVH query heads share each
 // K and V row read. Within a task every sum runs in token order, so a sequence's result depends on its own query,
 // cache and context length only: not on the batch, its position in it, the table width or the thread count.
+// The cache holds float32 or float16 K/V (float16 halves what a step reads, as llama.cpp's default cache does);
+// either is widened to float32 as it is loaded, and every sum runs in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,27 +27,36 @@ inline __m256 exp_nonpositive(__m256 x) {
   return tokenmill::exp_unclamped(_mm256_max_ps(x, _mm256_set1_ps(-87.33f)));
 }
 
+template <typename T>
 struct Cache {
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   int64_t block_stride, slot_stride, head_stride, page;
 };
+
+// 8 cache elements as float32
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 
 constexpr int kTokens = 8;  // tokens per step: one lane each in the score vector
 
 // Row pointers of one KV head for tokens t .. t + 7 through the block table; past the context the last token's row
 // is repeated (its score is masked, its weight is 0). Each token's row one page on is prefetched: a sequence's
 // pages lie anywhere in the cache, where the hardware prefetcher cannot follow.
-inline void rows_at(const float* base, const Cache& c, const int32_t* table, int64_t t, int64_t len, int64_t d,
-                    const float** rows) {
+template <typename T>
+inline void rows_at(const T* base, const Cache<T>& c, const int32_t* table, int64_t t, int64_t len, int64_t d,
+                    const T** rows) {
+  constexpr int64_t line = 64 / sizeof(T);  // elements per cache line
   int64_t block = t / c.page, slot = t % c.page;
-  const float* last = nullptr;
+  const T* last = nullptr;
   for (int j = 0; j < kTokens; ++j) {
     if (t + j < len) {
       last = base + table[block] * c.block_stride + slot * c.slot_stride;
       if (t + j + c.page < len) {  // the same slot one page on
-        const float* next = base + table[block + 1] * c.block_stride + slot * c.slot_stride;
-        for (int64_t b = 0; b < d; b += 16) _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T0);
+        const T* next = base + table[block + 1] * c.block_stride + slot * c.slot_stride;
+        for (int64_t b = 0; b < d; b += line) _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T0);
       }
       if (++slot == c.page) slot = 0, ++block;
     }
@@ -62,12 +73,12 @@ inline __m256 sum8(const __m256* a) {
 
 // Query heads q [group, d] of one KV head attending to `len` tokens; out [group, d]. scores: group rows of
 // `padded` floats, acc: group * d floats. Every output is a fixed function of this sequence's data.
-template <int HN, int CW>
-void attend_heads(const float* q, float* out, int64_t group, int64_t d, const Cache& c, int64_t kv_head,
+template <int HN, int CW, typename T>
+void attend_heads(const float* q, float* out, int64_t group, int64_t d, const Cache<T>& c, int64_t kv_head,
                   const int32_t* table, int64_t len, float scale, float* scores, int64_t padded, float* acc) {
-  const float* kb = c.k + kv_head * c.head_stride;
-  const float* vb = c.v + kv_head * c.head_stride;
-  const float* rows[kTokens];
+  const T* kb = c.k + kv_head * c.head_stride;
+  const T* vb = c.v + kv_head * c.head_stride;
+  const T* rows[kTokens];
   for (int64_t t = 0; t < len; t += kTokens) {
     rows_at(kb, c, table, t, len, d, rows);
     for (int64_t h = 0; h < group; ++h) {
@@ -75,7 +86,7 @@ void attend_heads(const float* q, float* out, int64_t group, int64_t d, const Ca
       for (int j = 0; j < kTokens; ++j) dot[j] = _mm256_setzero_ps();
       for (int64_t i = 0; i < d; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + h * d + i);
-        for (int j = 0; j < kTokens; ++j) dot[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j] + i), dot[j]);
+        for (int j = 0; j < kTokens; ++j) dot[j] = _mm256_fmadd_ps(qv, load8(rows[j] + i), dot[j]);
       }
       _mm256_storeu_ps(scores + h * padded + t, _mm256_mul_ps(sum8(dot), _mm256_set1_ps(scale)));
     }
@@ -112,7 +123,7 @@ void attend_heads(const float* q, float* out, int64_t group, int64_t d, const Ca
           __m256 ph[HN];
           for (int h = 0; h < HN; ++h) ph[h] = _mm256_set1_ps(p[h * padded + j]);
           for (int w = 0; w < W; ++w) {
-            const __m256 vv = _mm256_loadu_ps(rows[j] + c0 + 8 * w);
+            const __m256 vv = load8(rows[j] + c0 + 8 * w);
             for (int h = 0; h < HN; ++h) a[h][w] = _mm256_fmadd_ps(ph[h], vv, a[h][w]);
           }
         }
@@ -130,7 +141,8 @@ void attend_heads(const float* q, float* out, int64_t group, int64_t d, const Ca
   }
 }
 
-void attend(const float* q, float* out, int64_t group, int64_t d, const Cache& c, int64_t kv_head,
+template <typename T>
+void attend(const float* q, float* out, int64_t group, int64_t d, const Cache<T>& c, int64_t kv_head,
             const int32_t* table, int64_t len, float scale, std::vector<float>& buffer) {
   if (len == 0) {
     std::fill(out, out + group * d, 0.0f);
@@ -147,28 +159,38 @@ void attend(const float* q, float* out, int64_t group, int64_t d, const Cache& c
 }
 
 // The caches, checked against q [rows, heads, head_dim].
-Cache cache_of(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+template <typename T>
+Cache<T> cache_of(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be [rows, heads, head_dim] float32");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kFloat && k_cache.sizes() == v_cache.sizes() &&
-                  v_cache.scalar_type() == at::kFloat && k_cache.strides() == v_cache.strides(),
-              "k_cache and v_cache must be alike [num_blocks, page, kv_heads, head_dim] float32");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == v_cache.scalar_type() && k_cache.strides() == v_cache.strides(),
+              "k_cache and v_cache must be alike [num_blocks, page, kv_heads, head_dim], float32 or float16");
   TORCH_CHECK(k_cache.stride(3) == 1, "the caches' head_dim must be contiguous");
   const int64_t heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == d && d % 8 == 0, "head_dim must match the caches' and be a multiple of 8, got ", d);
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "heads (", heads, ") must be a multiple of kv_heads (",
               kv_heads, ")");
-  return Cache{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.stride(0), k_cache.stride(1),
-               k_cache.stride(2), k_cache.size(1)};
+  return Cache<T>{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), k_cache.stride(0), k_cache.stride(1),
+                  k_cache.stride(2), k_cache.size(1)};
+}
+
+// Calls fn(Cache<float>) or fn(Cache<at::Half>) for the caches' dtype.
+template <typename Fn>
+void with_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, Fn&& fn) {
+  if (k_cache.scalar_type() == at::kFloat) return fn(cache_of<float>(q, k_cache, v_cache));
+  TORCH_CHECK(k_cache.scalar_type() == at::kHalf, "the caches must be float32 or float16, got ",
+              k_cache.scalar_type());
+  fn(cache_of<at::Half>(q, k_cache, v_cache));
 }
 
 // Every sequence's context fits its table row and the table rows it reads name blocks of the cache. Checked before
 // the parallel region: an exception inside it is costly.
-void check_tables(const int32_t* tables, int64_t width, const int32_t* lens, int64_t batch, const Cache& c,
+void check_tables(const int32_t* tables, int64_t width, const int32_t* lens, int64_t batch, int64_t page,
                   int64_t num_blocks) {
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(lens[b] >= 0 && lens[b] <= width * c.page, "context_lens[", b, "] = ", lens[b], " is outside 0..",
-                width * c.page, " (block table width ", width, " x page ", c.page, ")");
-    for (int64_t i = 0; i < (lens[b] + c.page - 1) / c.page; ++i)
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= width * page, "context_lens[", b, "] = ", lens[b], " is outside 0..",
+                width * page, " (block table width ", width, " x page ", page, ")");
+    for (int64_t i = 0; i < (lens[b] + page - 1) / page; ++i)
       TORCH_CHECK(tables[b * width + i] >= 0 && tables[b * width + i] < num_blocks, "block_tables[", b, ", ", i,
                   "] = ", tables[b * width + i], " is not a block of the cache (", num_blocks, ")");
   }
@@ -183,25 +205,27 @@ void check_batch(const at::Tensor& block_tables, const at::Tensor& context_lens,
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  const Cache c = cache_of(q, k_cache, v_cache);
-  const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(2);
-  check_batch(block_tables, context_lens, batch);
-  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
-  const int32_t* tp = tables.data_ptr<int32_t>();
-  const int32_t* lp = lens.data_ptr<int32_t>();
-  const int64_t width = tables.size(1);
-  check_tables(tp, width, lp, batch, c, k_cache.size(0));
-  at::Tensor out = at::empty_like(qc);
-  const float* qp = qc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = heads / kv_heads;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
-      const int64_t offset = (b * heads + h * group) * d;
-      attend(qp + offset, op + offset, group, d, c, h, tp + b * width, lp[b], static_cast<float>(scale), scores);
-    }
+  at::Tensor out;
+  with_cache(q, k_cache, v_cache, [&](const auto& c) {
+    const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(2);
+    check_batch(block_tables, context_lens, batch);
+    const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
+    const int32_t* tp = tables.data_ptr<int32_t>();
+    const int32_t* lp = lens.data_ptr<int32_t>();
+    const int64_t width = tables.size(1);
+    check_tables(tp, width, lp, batch, c.page, k_cache.size(0));
+    out = at::empty_like(qc);
+    const float* qp = qc.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const int64_t group = heads / kv_heads;
+    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / kv_heads, h = task % kv_heads;
+        const int64_t offset = (b * heads + h * group) * d;
+        attend(qp + offset, op + offset, group, d, c, h, tp + b * width, lp[b], static_cast<float>(scale), scores);
+      }
+    });
   });
   return out;
 }
@@ -213,47 +237,50 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
                                    const at::Tensor& block_tables, double scale) {
-  const Cache c = cache_of(q, k_cache, v_cache);
-  const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(2);
-  TORCH_CHECK(context_lens.dim() == 1, "context_lens must be [batch] int32");
-  const int64_t batch = context_lens.size(0);
-  check_batch(block_tables, context_lens, batch);
-  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == batch + 1 && cu_seqlens_q.scalar_type() == at::kInt,
-              "cu_seqlens_q must be [batch + 1] int32");
-  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
-  const at::Tensor cu = cu_seqlens_q.contiguous();
-  const int32_t* tp = tables.data_ptr<int32_t>();
-  const int32_t* lp = lens.data_ptr<int32_t>();
-  const int32_t* cp = cu.data_ptr<int32_t>();
-  const int64_t width = tables.size(1);
-  check_tables(tp, width, lp, batch, c, k_cache.size(0));
-  TORCH_CHECK(cp[0] == 0 && cp[batch] == rows, "cu_seqlens_q must run from 0 to the ", rows, " rows of q, got ",
-              cp[0], " .. ", cp[batch]);
-  for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(cp[b] <= cp[b + 1] && cp[b + 1] - cp[b] <= lp[b], "sequence ", b, " has query rows ", cp[b], " .. ",
-                cp[b + 1], " (cu_seqlens_q) but context_lens[", b, "] = ", lp[b]);
-  std::vector<int64_t> seq(rows);
-  for (int64_t b = 0; b < batch; ++b) std::fill(seq.begin() + cp[b], seq.begin() + cp[b + 1], b);
-  // each task's cost, about its context, summed: the parallel region splits that sum evenly, so threads share
-  // the long rows at the end of a causal chunk fairly
-  std::vector<int64_t> start(rows * kv_heads + 1, 0);
-  auto context = [&](int64_t r) { return lp[seq[r]] - (cp[seq[r] + 1] - r) + 1; };  // p + 1
-  for (int64_t task = 0; task < rows * kv_heads; ++task)
-    start[task + 1] = start[task] + context(task / kv_heads) + kTokens;
-  at::Tensor out = at::empty_like(qc);
-  const float* qp = qc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = heads / kv_heads;
-  at::parallel_for(0, start.back(), 4096, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    // the tasks that start in [begin, end)
-    int64_t task = std::lower_bound(start.begin(), start.end() - 1, begin) - start.begin();
-    for (; task < rows * kv_heads && start[task] < end; ++task) {
-      const int64_t r = task / kv_heads, h = task % kv_heads;
-      const int64_t offset = (r * heads + h * group) * d;
-      attend(qp + offset, op + offset, group, d, c, h, tp + seq[r] * width, context(r), static_cast<float>(scale),
-             scores);
-    }
+  at::Tensor out;
+  with_cache(q, k_cache, v_cache, [&](const auto& c) {
+    const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(2);
+    TORCH_CHECK(context_lens.dim() == 1, "context_lens must be [batch] int32");
+    const int64_t batch = context_lens.size(0);
+    check_batch(block_tables, context_lens, batch);
+    TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == batch + 1 &&
+                    cu_seqlens_q.scalar_type() == at::kInt,
+                "cu_seqlens_q must be [batch + 1] int32");
+    const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
+    const at::Tensor cu = cu_seqlens_q.contiguous();
+    const int32_t* tp = tables.data_ptr<int32_t>();
+    const int32_t* lp = lens.data_ptr<int32_t>();
+    const int32_t* cp = cu.data_ptr<int32_t>();
+    const int64_t width = tables.size(1);
+    check_tables(tp, width, lp, batch, c.page, k_cache.size(0));
+    TORCH_CHECK(cp[0] == 0 && cp[batch] == rows, "cu_seqlens_q must run from 0 to the ", rows, " rows of q, got ",
+                cp[0], " .. ", cp[batch]);
+    for (int64_t b = 0; b < batch; ++b)
+      TORCH_CHECK(cp[b] <= cp[b + 1] && cp[b + 1] - cp[b] <= lp[b], "sequence ", b, " has query rows ", cp[b], " .. ",
+                  cp[b + 1], " (cu_seqlens_q) but context_lens[", b, "] = ", lp[b]);
+    std::vector<int64_t> seq(rows);
+    for (int64_t b = 0; b < batch; ++b) std::fill(seq.begin() + cp[b], seq.begin() + cp[b + 1], b);
+    // each task's cost, about its context, summed: the parallel region splits that sum evenly, so threads share
+    // the long rows at the end of a causal chunk fairly
+    std::vector<int64_t> start(rows * kv_heads + 1, 0);
+    auto context = [&](int64_t r) { return lp[seq[r]] - (cp[seq[r] + 1] - r) + 1; };  // p + 1
+    for (int64_t task = 0; task < rows * kv_heads; ++task)
+      start[task + 1] = start[task] + context(task / kv_heads) + kTokens;
+    out = at::empty_like(qc);
+    const float* qp = qc.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const int64_t group = heads / kv_heads;
+    at::parallel_for(0, start.back(), 4096, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      // the tasks that start in [begin, end)
+      int64_t task = std::lower_bound(start.begin(), start.end() - 1, begin) - start.begin();
+      for (; task < rows * kv_heads && start[task] < end; ++task) {
+        const int64_t r = task / kv_heads, h = task % kv_heads;
+        const int64_t offset = (r * heads + h * group) * d;
+        attend(qp + offset, op + offset, group, d, c, h, tp + seq[r] * width, context(r), static_cast<float>(scale),
+               scores);
+      }
+    });
   });
   return out;
 }

@@ -1,14 +1,45 @@
 // The paged K/V store for the CPU decode step: token i's K and V rows go to cache slot slot_mapping[i] (slot s is
 // row s % page of block s / page); a negative slot (a padding token) writes nothing. An op of its own, with the
 // caches declared mutated, so that torch.compile writes them in place: traced as index_copy_ on views of the
-// caches, inductor copied each layer's whole cache back every step.
+// caches, inductor copied each layer's whole cache back every step. A float16 cache takes float32 rows, rounded to
+// nearest-even as they are stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <cstring>
 
 namespace {
+
+// One token's float32 K or V [heads, d] (strides s1, s2 in elements) into a float16 cache row.
+void to_half(const float* in, int64_t s1, int64_t s2, int64_t heads, int64_t d, at::Half* out) {
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* x = in + h * s1;
+    at::Half* y = out + h * d;
+    if (s2 == 1 && d % 8 == 0) {
+      for (int64_t i = 0; i < d; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      for (int64_t i = 0; i < d; ++i) y[i] = static_cast<at::Half>(x[i * s2]);  // also nearest-even
+    }
+  }
+}
+
+void store_half_rows(const at::Tensor& x, const at::Tensor& cache, const int64_t* slots, int64_t n) {
+  const int64_t heads = cache.size(2), d = cache.size(3), page = cache.size(1);
+  const float* src = x.data_ptr<float>();
+  at::Half* dst = cache.data_ptr<at::Half>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (slots[t] < 0) continue;
+      to_half(src + t * x.stride(0), x.stride(1), x.stride(2), heads, d,
+              dst + (slots[t] / page) * cache.stride(0) + (slots[t] % page) * cache.stride(1));
+    }
+  });
+}
 
 void store_rows(const at::Tensor& x, const at::Tensor& cache, const int64_t* slots, int64_t n) {
   const int64_t heads = cache.size(2), d = cache.size(3), item = cache.element_size();
@@ -42,14 +73,21 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(0) == n && v.size(0) == n && k.size(1) == k_cache.size(2) &&
                   v.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3) && v.size(2) == k_cache.size(3),
               "k and v must be [num_tokens, kv_heads, head_dim] like the caches' rows");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
-              "k, v and the caches must have one dtype");
+  const bool half = k_cache.scalar_type() == at::kHalf && k.scalar_type() == at::kFloat;
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                  (half || k.scalar_type() == k_cache.scalar_type()),
+              "k and v must have the caches' dtype, or be float32 for float16 caches");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1, "slot_mapping must be int64");
   const at::Tensor slots = slot_mapping.contiguous();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t capacity = k_cache.size(0) * k_cache.size(1);
   for (int64_t t = 0; t < n; ++t)
     TORCH_CHECK(sp[t] < capacity, "slot_mapping[", t, "] = ", sp[t], " is past the cache (", capacity, " slots)");
+  if (half) {
+    store_half_rows(k, k_cache, sp, n);
+    store_half_rows(v, v_cache, sp, n);
+    return;
+  }
   store_rows(k, k_cache, sp, n);
   store_rows(v, v_cache, sp, n);
 }
