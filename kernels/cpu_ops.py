@@ -7,13 +7,15 @@ references (the test oracle) and the weight packing they read.
 - `quantize_q8_1(x) -> (q, dx, sx)`: the activation quantization both linears apply to x first, per row and
   32-block: dx = max|x| / 127, q = round(x / dx) as int8, sx = dx * sum(q).
 - `paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)`: kernels.reference's
-  decode_attention, reading K/V in place through the block table.
+  decode_attention, reading K/V in place through the block table; the caches hold float32 or float16 (widened as
+  they are loaded, summed in float32).
 - `paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)`: causal attention
   of a flat batch of query chunks (kernels.reference's prefill_attention, cached prefixes included) whose K/V are
   already stored; each query row is the decode op's computation with its own context, so a token's output is
   bit-identical whether it was prefilled (in one chunk or several) or decoded.
-- `store_kv(k, v, k_cache, v_cache, slot_mapping)`: kernels.reference's store_kv (a slot < 0 writes nothing), an
-  op that declares the caches mutated so that a compiled step writes them in place.
+- `store_kv(k, v, k_cache, v_cache, slot_mapping)`: kernels.reference's store_kv (a slot < 0 writes nothing; float32
+  rows into a float16 cache are rounded to nearest-even), an op that declares the caches mutated so that a compiled
+  step writes them in place.
 - `rms_norm(x, weight, eps)`, `rms_norm_residual(x, residual, weight, eps) -> (out, residual + x)`,
   `silu_and_mul(x)`, `rotary(q, k, cos, sin)` (neox layout): kernels.reference's per-token ops, float32, on
   [rows, D] or [n, heads, D] inputs at any strides (e.g. head views of a fused qkv output); outputs contiguous.
