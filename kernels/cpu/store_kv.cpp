@@ -13,53 +13,52 @@
 
 namespace {
 
-// One token's float32 K or V [heads, d] (strides s1, s2 in elements) into a float16 cache row.
-void to_half(const float* in, int64_t s1, int64_t s2, int64_t heads, int64_t d, at::Half* out) {
-  for (int64_t h = 0; h < heads; ++h) {
-    const float* x = in + h * s1;
-    at::Half* y = out + h * d;
-    if (s2 == 1 && d % 8 == 0) {
-      for (int64_t i = 0; i < d; i += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {
-      for (int64_t i = 0; i < d; ++i) y[i] = static_cast<at::Half>(x[i * s2]);  // also nearest-even
-    }
-  }
-}
-
-void store_half_rows(const at::Tensor& x, const at::Tensor& cache, const int64_t* slots, int64_t n) {
-  const int64_t heads = cache.size(2), d = cache.size(3), page = cache.size(1);
-  const float* src = x.data_ptr<float>();
-  at::Half* dst = cache.data_ptr<at::Half>();
+// Calls copy(t, offset) for every token t with a slot, offset being its row's first element in the cache.
+template <typename Copy>
+void for_each_slot(const at::Tensor& cache, const int64_t* slots, int64_t n, Copy&& copy) {
+  const int64_t page = cache.size(1), block = cache.stride(0), row = cache.stride(1);
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (slots[t] < 0) continue;
-      to_half(src + t * x.stride(0), x.stride(1), x.stride(2), heads, d,
-              dst + (slots[t] / page) * cache.stride(0) + (slots[t] % page) * cache.stride(1));
-    }
+    for (int64_t t = begin; t < end; ++t)
+      if (slots[t] >= 0) copy(t, (slots[t] / page) * block + (slots[t] % page) * row);
   });
 }
 
+// Rows of the cache's own dtype, copied as bytes.
 void store_rows(const at::Tensor& x, const at::Tensor& cache, const int64_t* slots, int64_t n) {
   const int64_t heads = cache.size(2), d = cache.size(3), item = cache.element_size();
-  const int64_t page = cache.size(1);
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(cache.data_ptr());
   const int64_t s0 = x.stride(0) * item, s1 = x.stride(1) * item, s2 = x.stride(2) * item;
-  const int64_t row = cache.stride(1) * item, block = cache.stride(0) * item;
   const bool contiguous_rows = x.stride(2) == 1 && x.stride(1) == d;
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (slots[t] < 0) continue;
-      char* out = dst + (slots[t] / page) * block + (slots[t] % page) * row;
-      const char* in = src + t * s0;
-      if (contiguous_rows) {
-        std::memcpy(out, in, heads * d * item);
-        continue;
+  for_each_slot(cache, slots, n, [&](int64_t t, int64_t offset) {
+    char* out = dst + offset * item;
+    const char* in = src + t * s0;
+    if (contiguous_rows) {
+      std::memcpy(out, in, heads * d * item);
+      return;
+    }
+    for (int64_t h = 0; h < heads; ++h)  // a strided view (e.g. a transposed projection output)
+      for (int64_t i = 0; i < d; ++i) std::memcpy(out + (h * d + i) * item, in + h * s1 + i * s2, item);
+  });
+}
+
+// float32 rows into a float16 cache, each value rounded to nearest-even (F16C, or c10's conversion when strided).
+void store_half_rows(const at::Tensor& x, const at::Tensor& cache, const int64_t* slots, int64_t n) {
+  const int64_t heads = cache.size(2), d = cache.size(3);
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+  const float* src = x.data_ptr<float>();
+  at::Half* dst = cache.data_ptr<at::Half>();
+  for_each_slot(cache, slots, n, [&](int64_t t, int64_t offset) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* in = src + t * s0 + h * s1;
+      at::Half* out = dst + offset + h * d;
+      if (s2 == 1 && d % 8 == 0) {
+        for (int64_t i = 0; i < d; i += 8)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                           _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      } else {
+        for (int64_t i = 0; i < d; ++i) out[i] = static_cast<at::Half>(in[i * s2]);
       }
-      for (int64_t h = 0; h < heads; ++h)  // a strided view (e.g. a transposed projection output)
-        for (int64_t i = 0; i < d; ++i) std::memcpy(out + (h * d + i) * item, in + h * s1 + i * s2, item);
     }
   });
 }
@@ -83,13 +82,9 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   const int64_t capacity = k_cache.size(0) * k_cache.size(1);
   for (int64_t t = 0; t < n; ++t)
     TORCH_CHECK(sp[t] < capacity, "slot_mapping[", t, "] = ", sp[t], " is past the cache (", capacity, " slots)");
-  if (half) {
-    store_half_rows(k, k_cache, sp, n);
-    store_half_rows(v, v_cache, sp, n);
-    return;
-  }
-  store_rows(k, k_cache, sp, n);
-  store_rows(v, v_cache, sp, n);
+  const auto store = half ? store_half_rows : store_rows;
+  store(k, k_cache, sp, n);
+  store(v, v_cache, sp, n);
 }
 
 }  // namespace
