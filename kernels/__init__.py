@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from kernels import moe, reference
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 
@@ -42,6 +42,7 @@ class Backend:
     silu_and_mul: Callable
     rotary: Callable
     graph_safe: bool = False
+    fused_moe: Callable = moe.fused_moe  # a Mixture-of-Experts layer's experts (kernels/moe.py)
 
 
 TORCH = Backend("torch", reference.store_kv, reference.prefill_attention, reference.decode_attention,
@@ -58,8 +59,9 @@ def _triton() -> Backend:
 def _cpu() -> Backend:
     ops = importlib.import_module("kernels.cpu_ops")
     ops.load()
+    # the experts as one opaque op, so that the compiled decode step holds their data-dependent grouping whole
     return Backend("cpu", ops.store_kv, ops.prefill_attention, ops.decode_attention, ops.rms_norm, ops.silu_and_mul,
-                   ops.rotary, graph_safe=True)
+                   ops.rotary, graph_safe=True, fused_moe=moe.fused_moe_op)
 
 
 def get_backend(name: str, device: torch.device) -> Backend:

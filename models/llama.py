@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import TORCH, AttentionMetadata, Backend
+from models import moe
 from models.config import ModelConfig
 
 
@@ -119,22 +120,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        width = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * width, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: Backend) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe_layer(index):
+            shared = MLP(cfg, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+            self.mlp = moe.SparseMoE(cfg, shared)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope, meta: AttentionMetadata):
         """x is the last sublayer's output, residual the stream before it (None in the first layer)."""
@@ -157,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -196,14 +202,18 @@ class LlamaForCausalLM(nn.Module):
         split = {fused: [name for name, (f, _) in sorted(self.packed.items(), key=lambda kv: kv[1][1]) if f == fused]
                  for fused, _ in self.packed.values()}
         cfg = self.config
-        sizes = {"qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
-                 "gate_up_proj": [cfg.intermediate_size] * 2}
+        sizes = {"qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2}
         out: dict[str, torch.Tensor] = {}
         for name, tensor in self.state_dict().items():
             parts = name.split(".")
             hf = "model." + name if not name.startswith("lm_head") else name
-            if len(parts) >= 2 and parts[-2] in split:
-                for piece, chunk in zip(split[parts[-2]], tensor.split(sizes[parts[-2]], dim=0)):
+            if len(parts) >= 2 and parts[-2] == "experts":
+                out.update(moe.expert_weights(hf.rsplit(".", 1)[0], parts[-1], tensor, cfg.architecture))
+            elif ".mlp.gate." in name:
+                out[moe.hf_name(hf, cfg.architecture)] = tensor.contiguous()
+            elif len(parts) >= 2 and parts[-2] in split:
+                chunks = tensor.split(sizes[parts[-2]], dim=0) if parts[-2] in sizes else tensor.chunk(2, dim=0)
+                for piece, chunk in zip(split[parts[-2]], chunks):
                     out[hf.replace(parts[-2], piece)] = chunk.contiguous()
             else:
                 out[hf] = tensor.contiguous()
@@ -213,6 +223,7 @@ class LlamaForCausalLM(nn.Module):
         """Load a Hugging Face state dict (names as in transformers' LlamaForCausalLM and kin)."""
         params = dict(self.named_parameters())
         shards: dict[str, list[torch.Tensor | None]] = {}
+        experts: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
         loaded: set[str] = set()
         for name, tensor in weights.items():
             name = name.removeprefix("model.")
@@ -220,6 +231,10 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints store a copy anyway
+            if (key := moe.expert_key(name)) is not None:
+                experts.setdefault(key[0], {})[key[1:]] = tensor
+                continue
+            name = moe.from_hf_name(name)
             parts = name.split(".")
             if len(parts) >= 2 and parts[-2] in self.packed:
                 fused, idx = self.packed[parts[-2]]
@@ -234,10 +249,28 @@ class LlamaForCausalLM(nn.Module):
                                  f"{len(pieces)} projections)")
             self._copy(params, key, torch.cat(pieces, dim=0))
             loaded.add(key)
+        for key, pieces in experts.items():
+            self._copy(params, key, self._stack_experts(key, pieces, params))
+            loaded.add(key)
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:5])}"
                              f"{' …' if len(missing) > 5 else ''}")
+
+    @staticmethod
+    def _stack_experts(key: str, pieces: dict[tuple[int, int], torch.Tensor],
+                       params: dict[str, nn.Parameter]) -> torch.Tensor:
+        """One matrix per (expert, half) -> the stacked [E, rows, cols] parameter `key`."""
+        if (-1, 0) in pieces:  # already stacked by the checkpoint
+            return pieces[(-1, 0)]
+        if key not in params:
+            raise ValueError(f"checkpoint has expert weights for {key!r}, which this config does not have")
+        num_experts, halves = params[key].shape[0], 2 if key.endswith("w13") else 1
+        absent = [f"expert {e}" for e in range(num_experts) for h in range(halves) if (e, h) not in pieces]
+        if absent or len(pieces) != num_experts * halves:
+            raise ValueError(f"checkpoint's experts for {key} do not match num_experts={num_experts}: "
+                             f"{'lacks ' + ', '.join(dict.fromkeys(absent)) if absent else 'has more experts'}")
+        return torch.stack([torch.cat([pieces[(e, h)] for h in range(halves)]) for e in range(num_experts)])
 
     @staticmethod
     def _copy(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:

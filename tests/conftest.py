@@ -54,10 +54,26 @@ def _hf_config(arch: str):
         return transformers.Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=32)
+    # Mixture-of-Experts: top-2 / top-1 / top-4 / top-2, tied and untied, with and without a shared expert, dense
+    # layers mixed in by decoder_sparse_step and by mlp_only_layers
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "mixtral-top1":
+        return transformers.MixtralConfig(**{**common, "num_key_value_heads": 4}, num_local_experts=4,
+                                          num_experts_per_tok=1, tie_word_embeddings=True)
+    if arch == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=96, norm_topk_prob=False,
+                                           decoder_sparse_step=2)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**{**common, "num_hidden_layers": 3}, head_dim=32, num_experts=8,
+                                           num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                                           mlp_only_layers=[1])
     raise ValueError(arch)
 
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+TINY_MOE_ARCHS = ("mixtral", "mixtral-top1", "qwen2_moe", "qwen3_moe")
 
 
 @pytest.fixture(scope="session")
