@@ -52,8 +52,9 @@ TORCH = Backend("torch", reference.store_kv, reference.prefill_attention, refere
 def _triton() -> Backend:
     attention = importlib.import_module("kernels.triton_attention")
     ops = importlib.import_module("kernels.triton_ops")
+    experts = importlib.import_module("kernels.triton_moe")
     return Backend("triton", attention.store_kv, attention.prefill_attention, attention.decode_attention,
-                   ops.rms_norm, ops.silu_and_mul, ops.rotary, graph_safe=True)
+                   ops.rms_norm, ops.silu_and_mul, ops.rotary, graph_safe=True, fused_moe=experts.fused_moe)
 
 
 def _cpu() -> Backend:
