@@ -20,6 +20,7 @@ from kernels import for_dtype, get_backend
 from engine.path_choice import PATHS, choose_path
 from models.cpu_linear import use_cpu_linears
 from models.loading import build_loaded, check_path, read_checkpoint
+from models.moe import SparseMoE, moe_layers
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = count()
         torch.manual_seed(config.seed)
+        for layer in moe_layers(loaded.model):
+            layer.expert_load.zero_()  # forget the warm-up and compile steps
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
                     num_blocks, config.block_size, num_blocks * config.block_size,
                     self.runner.k_cache.nbytes * 2 / 2**20, str(self.kv_dtype).removeprefix("torch."),
@@ -186,6 +189,11 @@ class LLMEngine:
     @property
     def kv_cache_usage(self) -> float:
         return self.block_manager.usage
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """For a Mixture-of-Experts model: layer index -> (token, slot) pairs routed to each of its experts so far."""
+        return {i: layer.mlp.expert_load.tolist() for i, layer in enumerate(self.runner.model.layers)
+                if isinstance(layer.mlp, SparseMoE)}
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns an output for each request that advanced (finished ones last time).

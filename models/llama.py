@@ -252,6 +252,8 @@ class LlamaForCausalLM(nn.Module):
         for key, pieces in experts.items():
             self._copy(params, key, self._stack_experts(key, pieces, params))
             loaded.add(key)
+        for layer in moe.moe_layers(self):
+            layer.expert_load.zero_()  # a buffer, not in checkpoints: built on meta, it holds garbage until now
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:5])}"

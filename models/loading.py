@@ -174,9 +174,12 @@ def build_loaded(checkpoint: Checkpoint, dtype: str | torch.dtype, device: torch
     start = time.perf_counter() if start is None else start
     model = build_model(checkpoint, dtype, device, quantization)
     config = checkpoint.config
-    logger.info("loaded %s (%s, %d layers, %s%s) in %.1f s", checkpoint.path.name, config.architecture,
-                config.num_layers, next(model.parameters()).dtype, f", {quantization} weights" if quantization else "",
-                time.perf_counter() - start)
+    # every expert is resident, whichever few a token uses: the KV cache is sized from what is left (CUDA)
+    weight_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    experts = f", {config.num_experts} experts (top-{config.num_experts_per_tok})" if config.num_experts else ""
+    logger.info("loaded %s (%s, %d layers%s, %s%s, %.0f MiB of weights) in %.1f s", checkpoint.path.name,
+                config.architecture, config.num_layers, experts, next(model.parameters()).dtype,
+                f", {quantization} weights" if quantization else "", weight_bytes / 2**20, time.perf_counter() - start)
     return LoadedModel(model=model, config=config, tokenizer=checkpoint.tokenizer, path=checkpoint.path)
 
 

@@ -37,12 +37,15 @@ class SparseMoE(nn.Module):
         self.shared_expert = shared_expert
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared_expert is not None else None
         self.router_logits: list[torch.Tensor] | None = None  # training sets a list to collect them (aux loss)
+        # (token, slot) pairs routed to each expert since start, for /metrics: one small add per step
+        self.register_buffer("expert_load", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor, ops: Backend) -> torch.Tensor:
         logits = self.gate(x)
         if self.router_logits is not None:
             self.router_logits.append(logits)
         weights, ids = route(logits, self.top_k, self.renormalize)
+        self.expert_load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
         out = self.experts(x, weights, ids, ops)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, ops)

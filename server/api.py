@@ -136,6 +136,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        if state.engine is not None:
+            state.metrics.set_expert_load(state.engine.engine.expert_load())
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)], responses=_ERRORS)

@@ -37,6 +37,15 @@ class Metrics:
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish")
         self.request_queue_time = histogram("request_queue_time_seconds", "Time waiting before the first prefill")
 
+        self._expert_tokens = Gauge("tokenmill:moe_expert_tokens", "Mixture-of-Experts: (token, slot) pairs routed "
+                                    "to each expert since start, by layer", labels + ["layer", "expert"], registry=reg)
+
+    def set_expert_load(self, load: dict[int, list[int]]) -> None:
+        """engine.expert_load(): read when /metrics is scraped, not after every step."""
+        for layer, counts in load.items():
+            for expert, n in enumerate(counts):
+                self._expert_tokens.labels(self._model_name, str(layer), str(expert)).set(n)
+
     def request_finished(self, reason: str) -> None:
         self._request_success.labels(self._model_name, reason).inc()
 

@@ -170,3 +170,22 @@ def test_dense_architectures_refuse_expert_fields():
         ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64,
                     num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8, num_experts=4, num_experts_per_tok=2,
                     moe_intermediate_size=16)
+
+
+# ---- expert load, for /metrics --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_expert_load_counts_every_computed_token_top_k_times_in_moe_layers_only(tiny_checkpoint, eager):
+    from server.metrics import Metrics
+    llm = LLM(str(tiny_checkpoint("qwen2_moe")), dtype="float32", num_kv_blocks=64, enable_prefix_caching=False,
+              enforce_eager=eager)
+    assert set(llm.engine.expert_load()) == {1}  # decoder_sparse_step 2: layer 0 is dense
+    assert sum(llm.engine.expert_load()[1]) == 0  # warm-up and compile steps are not counted
+    prompts = _tiny_prompts()[:3]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True), use_tqdm=False)
+    load = llm.engine.expert_load()[1]
+    assert len(load) == 8 and sum(load) == 4 * sum(len(p) + 7 - 1 for p in prompts)  # top-4 of 8
+    metrics = Metrics("tiny")
+    metrics.set_expert_load(llm.engine.expert_load())
+    text = metrics.render().decode()
+    assert f'tokenmill:moe_expert_tokens{{expert="3",layer="1",model_name="tiny"}} {float(load[3])}' in text
