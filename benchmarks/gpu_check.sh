@@ -8,11 +8,13 @@
 #   offline        benchmarks/gpu_offline.py: workloads a and b with CUDA graphs and eager, transformers on (a),
 #                  decode steps at batch 1-256                 -> benchmarks/results/gpu_offline.md
 #   kernels_bench  benchmarks/kernels_bench.py                  -> benchmarks/results/gpu_kernels.md
+#   moe            benchmarks/moe_bench.py: a random MoE against dense models of its active and total parameters,
+#                  bf16, CUDA graphs                            -> benchmarks/results/moe_gpu.md
 # (the end-to-end numbers come before the kernel benchmark: they are new, while gpu_kernels.md already holds an
 # H200 run; gpu_offline.py rewrites its report after every result, so a timeout keeps what was measured).
 # The run stays within GPU_CHECK_BUDGET seconds (default 460, for an 8-minute slot): a step's timeout is its own
 # cap or the time left, whichever is smaller. Logs go to $LOG_DIR; with $OUT set, the results, the logs and the
-# summary are copied there too (flat names, 7 files). PYTHON picks the interpreter (default python3), RESULTS_DIR
+# summary are copied there too (flat names, 9 files). PYTHON picks the interpreter (default python3), RESULTS_DIR
 # the results directory (default benchmarks/results).
 set -u
 export PYTHONUNBUFFERED=1
@@ -74,13 +76,15 @@ free, total = torch.cuda.mem_get_info()
 print("device", torch.cuda.get_device_name(), "| GiB free", round(free / 2**30, 1), "of", round(total / 2**30, 1))
 '
 step kernel_tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 \
-    tests/test_kernels_triton.py tests/test_kernels_reference.py
+    tests/test_kernels_triton.py tests/test_kernels_reference.py tests/test_triton_moe.py
 step offline 300 "$PYTHON" benchmarks/gpu_offline.py --workloads a,b --modes graphs,eager --transformers \
     --decode-batches 1,8,32,64,256 --out "$RESULTS/gpu_offline.md"
 step kernels_bench 90 "$PYTHON" benchmarks/kernels_bench.py --repeat 10 --out "$RESULTS/gpu_kernels.md"
+step moe 90 "$PYTHON" benchmarks/moe_bench.py --device cuda --dtype bfloat16 --streams 1,8,64 \
+    --out "$RESULTS/moe_gpu.md"
 
 echo
-for f in gpu_kernels.md gpu_offline.md; do
+for f in gpu_kernels.md gpu_offline.md moe_gpu.md; do
     if [[ "$RESULTS/$f" -nt "$START_MARK" ]]; then
         echo "result: $RESULTS/$f" >> "$SUMMARY"
     else
@@ -94,7 +98,7 @@ cat "$SUMMARY"
 if [[ -n "${OUT:-}" ]]; then
     mkdir -p "$OUT"
     cp "$SUMMARY" "$LOG_DIR"/gpu_check_*.log "$OUT"/ 2>/dev/null
-    for f in gpu_kernels.md gpu_offline.md; do
+    for f in gpu_kernels.md gpu_offline.md moe_gpu.md; do
         if grep -q "^result: $RESULTS/$f\$" "$SUMMARY"; then cp "$RESULTS/$f" "$OUT/$f"; fi
     done
     echo "=== copied the summary, logs and results of this run to $OUT"

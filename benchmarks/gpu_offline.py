@@ -66,9 +66,14 @@ def qwen3_config(shape: dict) -> dict:
 def write_model_dir(directory: Path, shape: dict) -> Path:
     """config.json plus a tokenizer our loader and transformers accept: a WordLevel vocabulary of exactly
     vocab_size tokens ("t<id>"), with <unk> at 0 and Qwen's three special tokens at their ids."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(qwen3_config(shape), indent=2))
+    return write_word_tokenizer(directory, shape)
+
+
+def write_word_tokenizer(directory: Path, shape: dict) -> Path:
+    """write_model_dir's tokenizer alone (shape: vocab_size, bos_token_id, eos_token_id, max_position_embeddings)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     bos = shape["bos_token_id"]
     specials = {0: "<unk>", bos: "<|endoftext|>", bos + 1: "<|im_start|>", shape["eos_token_id"]: "<|im_end|>"}
     vocab = {specials.get(i, f"t{i}"): i for i in range(shape["vocab_size"])}

@@ -4,7 +4,8 @@ An MoE should decode at about the speed of the first, since a token reads only i
 sequences per step the step's tokens touch more of the experts, and its speed moves toward the second.
 
 All three share attention, embedding and the tied output head; weights are random (load_format "dummy": speed
-does not depend on values), the tokenizer is the default model's. Prompts are random token ids, EOS ignored.
+does not depend on values), the tokenizer a word list of the vocabulary's size (benchmarks/gpu_offline.py's, so
+this runs where no GGUF reader is installed). Prompts are random token ids, EOS ignored.
 
     .venv/bin/python benchmarks/moe_bench.py [--streams 1,8] [--device cpu] [--dtype float32]
 """
@@ -21,19 +22,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve_bench import cpu_description  # noqa: E402
+from benchmarks.gpu_offline import write_word_tokenizer  # noqa: E402
+from benchmarks.machine import cpu_description  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.loading import load_tokenizer  # noqa: E402
 
 
 def shapes(args) -> dict[str, ModelConfig]:
     """The MoE (Mixtral layout) and its two dense counterparts (Llama layout)."""
-    tokenizer = load_tokenizer("default")
-    common = dict(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, num_layers=args.layers,
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
                   num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads,
                   max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_ids=sorted(tokenizer.eos_token_ids))
+                  bos_token_id=args.vocab - 3, eos_token_ids=[args.vocab - 1])
     width = args.expert_width
     return {
         f"MoE: {args.experts} experts, top-{args.top_k}": ModelConfig(
@@ -60,11 +60,12 @@ def parameters(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def write_checkpoint(cfg: ModelConfig, directory: Path) -> Path:
-    """config.json and the default model's tokenizer: enough for load_format 'dummy'."""
+    """config.json and a tokenizer: enough for load_format 'dummy'."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg.to_hf()))
-    load_tokenizer("default").save_pretrained(directory)
-    return directory
+    return write_word_tokenizer(directory, dict(vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id,
+                                                eos_token_id=cfg.eos_token_ids[0],
+                                                max_position_embeddings=cfg.max_position_embeddings))
 
 
 def decode_rate(model: Path, args, streams: int) -> float:
@@ -73,8 +74,7 @@ def decode_rate(model: Path, args, streams: int) -> float:
     llm = LLM(str(model), dtype=args.dtype, device=args.device, load_format="dummy", max_model_len=512,
               max_num_seqs=streams, kv_cache_memory="512MiB", enforce_eager=args.enforce_eager)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(256, llm.get_tokenizer().vocab_size, (args.prompt_len,), generator=g).tolist()
-               for _ in range(streams)]
+    prompts = [torch.randint(1, args.vocab - 3, (args.prompt_len,), generator=g).tolist() for _ in range(streams)]
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--expert-width", type=int, default=2816, help="each expert's intermediate size")
     parser.add_argument("--streams", default="1,8", help="sequences decoding together, comma-separated")
     parser.add_argument("--prompt-len", type=int, default=32)
