@@ -45,11 +45,16 @@ class SparseMoE(nn.Module):
         if self.router_logits is not None:
             self.router_logits.append(logits)
         weights, ids = route(logits, self.top_k, self.renormalize)
-        self.expert_load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
+        self.count_load(ids)
         out = self.experts(x, weights, ids, ops)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, ops)
         return out
+
+
+    def count_load(self, topk_ids: torch.Tensor) -> None:
+        flat = topk_ids.reshape(-1)
+        self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 # checkpoint names of one expert's matrices -> (stacked parameter, which rows of it)

@@ -22,12 +22,15 @@ scale spans it ("int8"), so a sequence's logits can depend on what else is in th
 "gguf": a GGUF file's own Q4_1 and Q8_0 matrices, computed as stored by kernels/cpu_ops.py (C++, AVX2), the way
 llama.cpp computes them: activations quantized to int8 per row and group of 32, integer dot products, float32
 accumulation in a fixed order. No weight is re-quantized, and every output row is bit-identical whatever else shares
-the step, so this path is batch-invariant."""
+the step, so this path is batch-invariant. Mixture-of-Experts layers keep it so (models/gguf_experts.py)."""
 import torch
 from torch import nn
 
 from models.cpu_linear import CPULinear, replace_linears
+from models.config import ModelConfig
+from models.gguf_experts import GGUFExperts, GGUFSparseMoE, InvariantLinear
 from models.llama import LlamaForCausalLM
+from models.moe import SparseMoE
 
 QUANTIZATIONS = ("int8", "int4", "gguf")
 INT4_GROUP = 32
@@ -132,22 +135,49 @@ def _gguf_linear(linear: nn.Linear, names: list[str], quantized: dict) -> GGUFLi
     return GGUFLinear(parts[0].kind, packed, linear.bias)
 
 
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _quantize_projections(parent: nn.Module, prefix: str, quantized: dict) -> None:
+    """Every nn.Linear child of `parent` (an attention block or a dense MLP, named `prefix` in the file) becomes a
+    GGUFLinear."""
+    for name, child in list(parent.named_children()):
+        if isinstance(child, nn.Linear):
+            names = [f"{prefix}.{piece}.weight" for piece in _FUSED.get(name, (name,))]
+            setattr(parent, name, _gguf_linear(child, names, quantized))
+
+
+def _quantize_moe(moe: SparseMoE, cfg: ModelConfig, prefix: str, quantized: dict) -> GGUFSparseMoE:
+    """The layer with its experts (and Qwen2-MoE's shared expert) computing with the file's blocks; the router and
+    the shared expert's gate keep their float32 weights, whatever type the file stores them in (llama.cpp writes
+    F32), in row-invariant products (models/gguf_experts.py)."""
+    with torch.device("meta"):  # its own router and experts are replaced below: nothing to allocate
+        new = GGUFSparseMoE(cfg)
+    new.expert_load = moe.expert_load  # a real buffer, unlike the one built on meta
+    new.gate = InvariantLinear.sharing(moe.gate)
+    new.experts = GGUFExperts.from_gguf(f"{prefix}.experts", quantized)
+    if moe.shared_expert is not None:
+        _quantize_projections(moe.shared_expert, f"{prefix}.shared_expert", quantized)
+        new.shared_expert = moe.shared_expert
+        new.shared_expert_gate = InvariantLinear.sharing(moe.shared_expert_gate)
+    return new
+
+
 def quantize_gguf(model: LlamaForCausalLM, quantized: dict, device: torch.device) -> LlamaForCausalLM:
     """Swap every decoder projection (and the output head, when the file stores it as Q4_1 or Q8_0) for a
-    GGUFLinear over the file's own blocks (`quantized`: models.gguf_loader.gguf_quantized)."""
+    GGUFLinear over the file's own blocks (`quantized`: models.gguf_loader.gguf_quantized), and every
+    Mixture-of-Experts layer for a GGUFSparseMoE whose experts compute with them."""
     _check_cpu("gguf", device)
     from kernels import cpu_ops
     if reason := cpu_ops.missing():
         raise ValueError(f"quantization='gguf' needs tokenmill's CPU kernels: {reason}")
     cpu_ops.load()
-    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     for i, layer in enumerate(model.layers):
-        for parent, kind in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    pieces = fused.get(name, (name,))
-                    names = [f"model.layers.{i}.{kind}.{piece}.weight" for piece in pieces]
-                    setattr(parent, name, _gguf_linear(child, names, quantized))
+        _quantize_projections(layer.self_attn, f"model.layers.{i}.self_attn", quantized)
+        if isinstance(layer.mlp, SparseMoE):
+            layer.mlp = _quantize_moe(layer.mlp, model.config, f"model.layers.{i}.mlp", quantized)
+        else:
+            _quantize_projections(layer.mlp, f"model.layers.{i}.mlp", quantized)
     head = "lm_head.weight" if model.lm_head is not None else "model.embed_tokens.weight"
     if head in quantized:
         model.lm_head = _gguf_linear(model.head_module(), [head], quantized)
