@@ -46,12 +46,13 @@ class CPULinear(nn.Linear):
         return new
 
 
-def replace_linears(root: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
-    """Replace every plain nn.Linear under root (subclasses stay) with make(linear); returns how many."""
+def replace_linears(root: nn.Module, make: Callable[[nn.Linear], nn.Module], skip: frozenset[int] = frozenset()) -> int:
+    """Replace every plain nn.Linear under root (subclasses, and those whose id() is in skip, stay) with
+    make(linear); returns how many."""
     replaced = 0
     for module in list(root.modules()):
         for name, child in module.named_children():
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and id(child) not in skip:
                 setattr(module, name, make(child))
                 replaced += 1
     return replaced

@@ -74,13 +74,18 @@ class Int4Linear(CPULinear):
 
 
 def quantize_int4(model: LlamaForCausalLM, device: torch.device) -> LlamaForCausalLM:
+    """Mixture-of-Experts layers keep their routers float32 (a few outputs that pick the experts) and their stacked
+    experts too: int4 covers the Linear projections only."""
     _check_cpu("int4", device)
+    routers = frozenset(id(m) for moe in model.layers.modules() if isinstance(moe, SparseMoE)
+                        for m in (moe.gate, moe.shared_expert_gate) if m is not None)
     for linear in model.layers.modules():
-        if type(linear) is nn.Linear and (linear.in_features % INT4_GROUP or linear.out_features % 16):  # tiles
+        if type(linear) is nn.Linear and id(linear) not in routers and (
+                linear.in_features % INT4_GROUP or linear.out_features % 16):  # tiles
             raise ValueError(f"quantization='int4' needs input sizes that are multiples of {INT4_GROUP} and output "
                              f"sizes that are multiples of 16; a projection is {linear.in_features} -> "
                              f"{linear.out_features}")
-    replace_linears(model.layers, Int4Linear.quantizing)
+    replace_linears(model.layers, Int4Linear.quantizing, routers)
     return model
 
 

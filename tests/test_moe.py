@@ -189,3 +189,15 @@ def test_expert_load_counts_every_computed_token_top_k_times_in_moe_layers_only(
     metrics.set_expert_load(llm.engine.expert_load())
     text = metrics.render().decode()
     assert f'tokenmill:moe_expert_tokens{{expert="3",layer="1",model_name="tiny"}} {float(load[3])}' in text
+
+
+def test_int4_quantizes_the_projections_and_keeps_routers_and_experts_float32(tiny_checkpoint):
+    from models.quantize import Int4Linear
+    llm = LLM(str(tiny_checkpoint("qwen2_moe")), quantization="int4", num_kv_blocks=32, enforce_eager=True)
+    layer = llm.engine.runner.model.layers[1]
+    assert isinstance(layer.self_attn.qkv_proj, Int4Linear)
+    assert isinstance(layer.mlp.shared_expert.gate_up_proj, Int4Linear)
+    assert not isinstance(layer.mlp.gate, Int4Linear) and not isinstance(layer.mlp.shared_expert_gate, Int4Linear)
+    assert layer.mlp.experts.w13.dtype == torch.float32
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
