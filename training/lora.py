@@ -1,6 +1,10 @@
 """LoRA: W' = W + (alpha / r) * B A on chosen linear layers, the base weights frozen. Adapters are saved on their
 own (adapter_model.safetensors + adapter_config.json) and can be merged into a full checkpoint: `tokenmill train
-lora base=DIR adapter=DIR out_dir=DIR` merges a saved adapter; sft and dpo merge theirs with merge_lora=true."""
+lora base=DIR adapter=DIR out_dir=DIR` merges a saved adapter; sft and dpo merge theirs with merge_lora=true.
+
+In a Mixture-of-Experts model LoRA leaves the experts alone (they are stacked tensors, not linear layers): the
+dense-MLP targets apply where dense MLPs (or Qwen2-MoE's shared expert) exist, and a model without any (Mixtral)
+adapts attention only unless the router ("gate") is named."""
 import json
 import math
 from dataclasses import dataclass
@@ -11,9 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.loading import load_model
+from models.moe import moe_layers
 from training.checkpoint import save_pretrained
 
 DEFAULT_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+MLP_TARGETS = ("gate_up_proj", "down_proj")  # a dense MLP's: absent from an MoE whose every layer has experts
 
 
 class LoRALinear(nn.Module):
@@ -38,6 +44,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> i
     """Freeze `model` and wrap every linear layer whose attribute name is in `targets`; returns the number of
     trainable parameters."""
     model.requires_grad_(False)
+    linears = sorted({name for module in model.modules() for name, child in module.named_children()
+                      if isinstance(child, nn.Linear)})
     found = set()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -45,9 +53,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> i
                 setattr(module, name, LoRALinear(child, rank, alpha))
                 found.add(name)
     missing = sorted(set(targets) - found)
-    if missing:
-        raise ValueError(f"lora_targets {missing} name no linear layer of the model "
-                         f"(it has {', '.join(DEFAULT_TARGETS)} and lm_head when untied)")
+    if moe_layers(model):  # the dense-MLP names may have nothing to adapt: the experts are not linear layers
+        missing = [name for name in missing if name not in MLP_TARGETS]
+    if missing or not found:
+        raise ValueError(f"lora_targets {missing or sorted(targets)} name no linear layer of the model "
+                         f"(it has {', '.join(linears)})")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

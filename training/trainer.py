@@ -81,12 +81,18 @@ class Forward(torch.nn.Module):
         return self.fn(*args)
 
 
+def _loss_and_terms(out: torch.Tensor | tuple[torch.Tensor, dict]) -> tuple[torch.Tensor, dict]:
+    return out if isinstance(out, tuple) else (out, {})
+
+
 def train(s: TrainSettings, model: torch.nn.Module, forward: Callable,
-          micro_loss: Callable[[Callable, int, int], torch.Tensor], evaluate: Callable[[], dict],
-          save: Callable[[Path], None], header: dict) -> list[dict]:
+          micro_loss: Callable[[Callable, int, int], torch.Tensor | tuple[torch.Tensor, dict]],
+          evaluate: Callable[[], dict], save: Callable[[Path], None], header: dict) -> list[dict]:
     """Run steps until max_steps (or stop_at). `forward` is what a loss calls the model through (DDP-wrapped when
-    distributed); `micro_loss(forward, first, size)` is the mean loss of samples [first, first + size);
-    `evaluate()` returns metrics to log; `save(out_dir)` writes the stage's checkpoint. Returns the step records."""
+    distributed); `micro_loss(forward, first, size)` is the mean loss of samples [first, first + size), or
+    (that loss, {name: scalar tensor}) to log more terms of it, averaged over the step like the loss (an MoE's
+    aux_loss); `evaluate()` returns metrics to log; `save(out_dir)` writes the stage's checkpoint. Returns the
+    step records."""
     world, rank = distributed()
     out = Path(s.out_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -124,22 +130,29 @@ def train(s: TrainSettings, model: torch.nn.Module, forward: Callable,
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, s)
         total = torch.zeros(())
+        terms: dict[str, torch.Tensor] = {}
         for micro in range(s.grad_accum):
             first = step * global_batch + (micro * world + rank) * s.batch_size
             sync = call.no_sync() if world > 1 and micro < s.grad_accum - 1 else nullcontext()
             with sync, autocast:
-                loss = micro_loss(call, first, s.batch_size) / s.grad_accum
+                loss, extra = _loss_and_terms(micro_loss(call, first, s.batch_size))
+                loss = loss / s.grad_accum
             loss.backward()
             total += loss.detach()
+            for name, value in extra.items():
+                terms[name] = terms.get(name, torch.zeros(())) + value.detach().float() / s.grad_accum
         if world > 1:
             dist.all_reduce(total)
             total /= world
+            for value in terms.values():
+                dist.all_reduce(value)
+                value /= world
         norm = torch.nn.utils.clip_grad_norm_(trainable, s.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         record = {"step": step, "loss": total.item(), "lr": lr_at(step - 1, s), "grad_norm": float(norm),
-                  "seconds": time.perf_counter() - start}
+                  "seconds": time.perf_counter() - start, **{k: v.item() for k, v in terms.items()}}
         if header.get("tokens_per_step"):
             record["tok_s"] = header["tokens_per_step"] / record["seconds"]
         if rank == 0 and (step % s.eval_every == 0 or step == s.max_steps):
