@@ -49,6 +49,14 @@ def combine(pair_out: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     return out
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T. On the CPU, float32, 2 to 96 rows: as (w @ x.T).T, which MKL runs 1.3-1.8x faster at an expert's
+    size (1024 x 5632, 2 and 4 rows, Zen 3; one row keeps its GEMV, which is faster): models/cpu_linear.py."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and 2 <= x.shape[0] <= 96:
+        return torch.mm(w, x.t()).t()
+    return F.linear(x, w)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """The experts' output for x [T, H]: sum over a token's top_k experts e of weight * w2[e] @ (SiLU(g) * u),
@@ -63,8 +71,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     for expert, n in enumerate(counts.tolist()):  # one host sync per call: the eager path only
         if n == 0:
             continue
-        gate, up = F.linear(rows[start:start + n], w13[expert]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, w2[expert]))
+        gate, up = _linear(rows[start:start + n], w13[expert]).chunk(2, dim=-1)
+        outs.append(_linear(F.silu(gate) * up, w2[expert]))
         start += n
     sorted_out = torch.cat(outs)
     pair_out = sorted_out[torch.argsort(order)]  # back to token-major order (a gather, so autograd follows)
