@@ -22,6 +22,10 @@ def _tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+# the compiled CPU decode step for two of them (a cold compile costs ~12 s on 2 cores), eager steps for the others
+COMPILED = ("mixtral", "qwen2_moe")
+
+
 @pytest.mark.parametrize("arch", TINY_MOE_ARCHS)
 def test_greedy_generation_is_token_identical_to_transformers_however_served(arch, tiny_checkpoint):
     import transformers
@@ -31,7 +35,8 @@ def test_greedy_generation_is_token_identical_to_transformers_however_served(arc
         (arch in ("qwen2_moe", "qwen3_moe"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     prompts = _tiny_prompts()
-    llm = LLM(str(directory), dtype="float32", num_kv_blocks=64)  # compiled decode step, prefix caching on
+    llm = LLM(str(directory), dtype="float32", num_kv_blocks=64, enforce_eager=arch not in COMPILED)
+    assert (llm.engine.runner.decode_step is not None) == (arch in COMPILED)
     batched = llm.generate(prompts, GREEDY, use_tqdm=False)
     _check_exact(hf, prompts, batched)
     expected = _tokens(batched)
@@ -51,11 +56,11 @@ def test_a_moe_model_serves_the_same_tokens_under_preemption_and_on_triton(tiny_
     tight = LLM(model, dtype="float32", max_model_len=160, num_kv_blocks=14, enforce_eager=True)
     assert _tokens(tight.generate(prompts, params, use_tqdm=False)) == alone
     assert tight.engine.num_preemptions > 0
-    pytest.importorskip("triton")
+    pytest.importorskip("triton")  # the interpreter is slow: one prompt, prefilled in two chunks, four tokens
     triton = LLM(model, dtype="float32", max_model_len=160, num_kv_blocks=64, attention_backend="triton",
                  max_num_batched_tokens=24)
-    some = [0, 1, 4]
-    assert _tokens(triton.generate([prompts[i] for i in some], params, use_tqdm=False)) == [alone[i] for i in some]
+    short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert _tokens(triton.generate(prompts[:1], short, use_tqdm=False)) == [alone[0][:4]]
 
 
 # ---- the router and the experts against their definitions ----------------------------------------------------------
