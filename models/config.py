@@ -71,15 +71,15 @@ class ModelConfig:
         """config.json for this shape, as transformers writes it (what from_hf reads back)."""
         eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
         out = {"architectures": [self.architecture], "model_type": _MODEL_TYPES[self.architecture],
-               "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-                "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
-                "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
-                "max_position_embeddings": self.max_position_embeddings,
-                "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.qkv_bias,
-                "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id, "eos_token_id": eos,
-                "torch_dtype": self.torch_dtype or "float32"}
+               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+               "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+               "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+               "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+               "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+               "max_position_embeddings": self.max_position_embeddings,
+               "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.qkv_bias,
+               "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id, "eos_token_id": eos,
+               "torch_dtype": self.torch_dtype or "float32"}
         moe = _ARCHITECTURES[self.architecture].get("moe")
         if moe == "mixtral":
             out.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
