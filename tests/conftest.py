@@ -181,10 +181,22 @@ def write_tiny_gguf(checkpoint: Path, path: Path, f16_tensor: str | None = None)
         elif "norm" in name:
             w = 1 + 0.1 * rng.standard_normal(w.shape, dtype=np.float32)
         kind = gguf.GGMLQuantizationType.F16 if name == f16_tensor else _gguf_tensor_type(name)
-        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            writer.add_tensor(name, w.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
-        else:  # uint8 blocks [rows, bytes per row]: the writer derives the element shape from raw_dtype
-            writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        add_gguf_tensor(writer, name, w, kind)
+    return finish_gguf(writer, path)
+
+
+def add_gguf_tensor(writer, name: str, w, kind) -> None:
+    """w stored as `kind`: F32 / F16 as arrays, a block type quantized by the gguf package."""
+    import gguf
+    import numpy as np
+    w = np.ascontiguousarray(w)
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        writer.add_tensor(name, w.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
+    else:  # uint8 blocks [rows, bytes per row]: the writer derives the element shape from raw_dtype
+        writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+
+
+def finish_gguf(writer, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -18,7 +18,7 @@ from models.gguf_loader import QuantizedWeight, gguf_quantized, gguf_to_hf_confi
 from models.hf_loader import hf_config
 from models.loading import load_config, load_model
 from models.moe import SparseMoE
-from tests.conftest import TINY_VOCAB, _add_gguf_tokenizer
+from tests.conftest import TINY_VOCAB, _add_gguf_tokenizer, add_gguf_tensor, finish_gguf
 
 _MISSING = cpu_ops.missing()
 needs_kernels = pytest.mark.skipif(_MISSING is not None, reason=f"tokenmill's CPU kernels cannot be built: {_MISSING}")
@@ -99,16 +99,8 @@ def write_moe_gguf(checkpoint: Path, path: Path, quantized: bool, **metadata) ->
     for name, w in sorted(_gguf_tensors(checkpoint, cfg).items()):
         if drop and name.endswith("_exps.weight"):
             w = w[:-1]
-        kind = _tensor_type(name, quantized)
-        if kind == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(w), kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        add_gguf_tensor(writer, name, w, _tensor_type(name, quantized))
+    return finish_gguf(writer, path)
 
 
 @pytest.fixture(scope="module")
