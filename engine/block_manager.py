@@ -109,6 +109,14 @@ class BlockManager:
                 self.block_hash[block] = h
                 self.cached[h] = block
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (after the weights changed, their K/V are stale). Only with no sequence
+        holding blocks."""
+        if any(self.ref_counts):
+            raise RuntimeError("reset_prefix_cache while sequences hold blocks")
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+
     def can_append(self, seq: Sequence) -> bool:
         """Room for the token the next decode step writes (the sequence's last one)."""
         return len(seq.block_table) >= self.blocks_needed(seq.num_tokens) or bool(self.free_pool)

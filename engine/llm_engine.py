@@ -58,6 +58,8 @@ class LLMEngine:
         else:
             self.path = quantization or str(check_path(dtype, quantization, device)).removeprefix("torch.")
         loaded = build_loaded(checkpoint, dtype, device, quantization)
+        self.quantization = quantization
+        self._weight_names: set[str] | None = None  # update_weights' expected names, found on its first call
         del checkpoint
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -194,6 +196,25 @@ class LLMEngine:
         """For a Mixture-of-Experts model: layer index -> (token, slot) pairs routed to each of its experts so far."""
         return {i: layer.mlp.expert_load.tolist() for i, layer in enumerate(self.runner.model.layers)
                 if isinstance(layer.mlp, SparseMoE)}
+
+    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy new weights (transformers' names, all of them: a policy's hf_state_dict()) into the running model in
+        place, for RL: the engine generates with the policy being trained, no checkpoint written. The prefix cache
+        is dropped (its K/V came from the old weights). Only between requests, and for unquantized weights."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("update_weights while requests run: finish or abort them first")
+        if self.quantization is not None:
+            raise ValueError(f"update_weights needs unquantized weights; this engine runs {self.quantization}")
+        model = self.runner.model
+        if self._weight_names is None:
+            tied = self.model_config.tie_word_embeddings
+            self._weight_names = {k for k in model.hf_state_dict() if not (tied and k == "lm_head.weight")}
+        missing = sorted(self._weight_names - set(weights))
+        if missing:  # checked before anything is copied: a refused update leaves the old weights whole
+            more = " …" if len(missing) > 5 else ""
+            raise ValueError(f"update_weights lacks weights: {', '.join(missing[:5])}{more}")
+        model.load_weights(weights)
+        self.block_manager.reset_prefix_cache()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns an output for each request that advanced (finished ones last time).

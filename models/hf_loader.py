@@ -37,6 +37,8 @@ def _safetensors_files(directory: Path) -> list[Path]:
             if not p.is_file():
                 raise FileNotFoundError(f"{index} names {p.name}, which is missing")
         return paths
+    if (directory / "model.safetensors").is_file():  # a training output also holds train_weights, adapter_model
+        return [directory / "model.safetensors"]
     paths = sorted(directory.glob("*.safetensors"))
     if not paths:
         pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]

@@ -234,3 +234,33 @@ def test_abort_in_the_middle_of_a_chunked_prefill_frees_every_block(tiny_checkpo
     assert set(final) == {"short"} and len(final["short"].outputs[0].token_ids) == 8
     assert _all_blocks_free(llm)
     assert engine.kv_cache_usage == 0
+
+
+def test_update_weights_in_place_changes_the_answers_and_drops_the_prefix_cache(tiny_checkpoint):
+    from models.loading import load_model
+    path = str(tiny_checkpoint("llama"))
+    llm = LLM(path, dtype="float32", num_kv_blocks=64, max_model_len=128)
+    prompt = _prompts(1, seed=5)[0]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    before = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.engine.block_manager.cached  # the prompt's full blocks stay cached
+    policy = load_model(path, "float32").model
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    llm.engine.update_weights(policy.hf_state_dict())
+    assert not llm.engine.block_manager.cached  # computed with the old weights: forgotten
+    after = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    expected, ids = [], list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(policy.causal_logits(torch.tensor([ids]))[0, -1].argmax()))
+            expected.append(ids[-1])
+    assert after == expected and after != before
+    with pytest.raises(ValueError, match="lacks weights"):
+        llm.engine.update_weights({k: v * 0 for k, v in policy.hf_state_dict().items() if "layers.0." not in k})
+    assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected  # nothing copied
+    llm.engine.add_request("running", prompt, params)
+    with pytest.raises(RuntimeError, match="while requests run"):
+        llm.engine.update_weights(policy.hf_state_dict())
+    llm.engine.abort_request("running")

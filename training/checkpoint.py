@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.llama import LlamaForCausalLM
+from models.reward import RewardModel
 from models.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -17,19 +18,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 def save_pretrained(model: LlamaForCausalLM, tokenizer: str | Path | Tokenizer, out_dir: str | Path) -> Path:
     """Write `model` and its tokenizer (a directory to copy the files from, or a Tokenizer, e.g. one rebuilt from
     a GGUF file) as a directory that `tokenmill serve` and transformers load."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     weights = model.hf_state_dict()
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    dtype = next(model.parameters()).dtype
-    config = cfg.to_hf() | {"torch_dtype": str(dtype).removeprefix("torch.")}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().cpu() for k, v in weights.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    out = _write(out_dir, cfg.to_hf(), weights, next(model.parameters()).dtype, tokenizer)
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2) + "\n")
+    return out
+
+
+def save_reward_model(model: RewardModel, tokenizer: str | Path | Tokenizer, out_dir: str | Path) -> Path:
+    """Write a reward model as transformers' *ForSequenceClassification (num_labels 1, pad_token_id set)."""
+    return _write(out_dir, model.hf_config(), model.hf_state_dict(), model.score.weight.dtype, tokenizer)
+
+
+def _write(out_dir: str | Path, config: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+           tokenizer: str | Path | Tokenizer) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = config | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     if isinstance(tokenizer, Tokenizer):
         tokenizer.save_pretrained(out)
     elif Path(tokenizer).resolve() != out.resolve():

@@ -12,6 +12,8 @@ STAGES = {
     "pretrain": ("training.pretrain", "PretrainSettings", "pretrain"),
     "sft": ("training.sft", "SFTSettings", "sft"),
     "dpo": ("training.dpo", "DPOSettings", "dpo"),
+    "reward": ("training.reward", "RewardSettings", "reward"),
+    "rl": ("training.rl", "RLSettings", "rl"),
     "lora": ("training.lora", "MergeSettings", "merge_adapter"),
     "distill": ("training.distill", "DistillSettings", "distill"),
 }

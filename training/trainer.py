@@ -81,6 +81,38 @@ class Forward(torch.nn.Module):
         return self.fn(*args)
 
 
+def build_optimizer(s: TrainSettings, trainable: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases or a scalar head's bias)."""
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(s.beta1, s.beta2))
+
+
+def resume(s: TrainSettings, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """With s.resume and a saved state in out_dir: the weights, optimizer and RNG states restored; returns the
+    step to continue from (0 for a fresh run)."""
+    out = Path(s.out_dir)
+    if not (s.resume and (out / "train_state.pt").is_file()):
+        return 0
+    model.load_state_dict(load_file(out / "train_weights.safetensors"))
+    state = load_train_state(out)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def save_state(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """What resume reads: the exact weights under our names, the optimizer and the step."""
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(trained, str(out / "train_weights.safetensors"))
+    save_train_state(out, optimizer, step)
+
+
+def mixed_precision():
+    """bf16 autocast where the CPU has fast bf16, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if _cpu_has_fast_bf16() else nullcontext()
+
+
 def _loss_and_terms(out: torch.Tensor | tuple[torch.Tensor, dict]) -> tuple[torch.Tensor, dict]:
     return out if isinstance(out, tuple) else (out, {})
 
@@ -96,18 +128,10 @@ def train(s: TrainSettings, model: torch.nn.Module, forward: Callable,
     world, rank = distributed()
     out = Path(s.out_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(s.beta1, s.beta2))
-    step = 0
-    if s.resume and (out / "train_state.pt").is_file():
-        model.load_state_dict(load_file(out / "train_weights.safetensors"))
-        state = load_train_state(out)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    optimizer = build_optimizer(s, trainable)
+    step = resume(s, model, optimizer)
     call = torch.nn.parallel.DistributedDataParallel(Forward(model, forward)) if world > 1 else forward
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if _cpu_has_fast_bf16() else nullcontext()
+    autocast = mixed_precision()
     global_batch = s.batch_size * s.grad_accum * world
     log = None
     if rank == 0:
@@ -169,9 +193,7 @@ def train(s: TrainSettings, model: torch.nn.Module, forward: Callable,
             bar.update(1)
             if step % s.save_every == 0 or step == end:
                 save(out)
-                trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                save_file(trained, str(out / "train_weights.safetensors"))  # exact weights, our names
-                save_train_state(out, optimizer, step)
+                save_state(out, model, optimizer, step)
     bar.close()
     if world > 1:
         dist.barrier()
