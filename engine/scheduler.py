@@ -63,10 +63,14 @@ class Scheduler:
             budget -= seq.num_scheduled_tokens
             scheduled.append(seq)
         under_way = {seq.request_id for seq in self.prefilling}
+        siblings: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) + len(self.prefilling) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.request_id in under_way and self.block_manager.enable_prefix_caching:
-                break  # n > 1: the other samples wait for this prompt's blocks, then share them from the cache
+                # n > 1: the other samples wait for this prompt's blocks, then share them from the cache; the
+                # requests behind them go on (one sample per request per step, not one per step in all)
+                siblings.append(self.waiting.popleft())
+                continue
             if not self.block_manager.allocate(seq):
                 break
             self.waiting.popleft()
@@ -78,6 +82,7 @@ class Scheduler:
             seq.num_scheduled_tokens = min(seq.num_tokens - seq.num_cached_tokens, budget)
             budget -= seq.num_scheduled_tokens
             scheduled.append(seq)
+        self.waiting.extendleft(reversed(siblings))  # back in front, in their order
         return scheduled
 
     def _schedule_decode(self) -> list[Sequence]:

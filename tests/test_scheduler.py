@@ -90,6 +90,19 @@ def test_samples_of_one_request_wait_for_its_prompt_then_share_its_blocks():
     assert second.block_table[:2] == first.block_table[:2]
 
 
+def test_waiting_samples_do_not_hold_back_the_requests_behind_them():
+    sched = Scheduler(BlockManager(100, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    a = [_seq(i, 6, "a", i) for i in range(3)]
+    b = [_seq(3 + i, 6, "b", i) for i in range(3)]
+    for s in a[1:] + b[1:]:
+        s.prompt_token_ids = list((a if s in a else b)[0].prompt_token_ids)
+    for s in a + b:
+        sched.add(s)
+    batch, is_prefill = sched.schedule()
+    assert is_prefill and batch == [a[0], b[0]]  # one sample of each request; the others wait, in order
+    assert list(sched.waiting) == a[1:] + b[1:]
+
+
 def test_finish_frees_blocks_and_leaves_the_queues():
     bm = BlockManager(4, 4)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
