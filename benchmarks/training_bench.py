@@ -13,7 +13,9 @@ against its baseline in the same run; writes benchmarks/results/training.md.
 4. dpo from the SFT model, on pairs whose chosen answer restates the sum in a sentence and whose rejected one is
    the bare number: held-out preference and the task score (greedy answers to questions never asked in training
    that keep the rule), SFT model vs DPO model; the share of right sums is shown too.
-5. distill: a smaller student trained against the pretrained teacher vs the same student on hard labels only,
+5. reward and rl from the SFT model (benchmarks/rlhf_bench.py): the reward model's held-out pairwise accuracy,
+   and GRPO's effect on held-out questions, two seeds (run alone, rlhf_bench.py writes results/rlhf.md).
+6. distill: a smaller student trained against the pretrained teacher vs the same student on hard labels only,
    equal steps: validation loss on the held-out text.
 """
 import argparse
@@ -29,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import rlhf_bench  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from training.distill import DistillSettings, distill  # noqa: E402
 from training.dpo import DPOSettings, dpo  # noqa: E402
@@ -137,6 +140,9 @@ def main() -> None:
     timings["dpo"] = time.perf_counter() - start
     scores = {"SFT model": task_score(full, dpo_val), "DPO model": task_score(pref, dpo_val)}
 
+    rlhf_rows, rlhf_timings = rlhf_bench.run(data, full, out, args.scale)
+    timings.update(rlhf_timings)
+
     start = time.perf_counter()
     students = {}
     for label, alpha in (("hard labels only", 0.0), ("distilled (alpha 0.5, T 2)", 0.5)):
@@ -186,6 +192,7 @@ def main() -> None:
         f"| dpo: the same answers' sums that are right | SFT model {scores['SFT model'][1]:.3f} | "
         f"{scores['DPO model'][1]:.3f} |",
     ]
+    lines += rlhf_rows
     hard = first_last(students["hard labels only"], "val_loss")[1]
     soft = first_last(students["distilled (alpha 0.5, T 2)"], "val_loss")[1]
     lines += [f"| distill ({STUDENT['num_layers']} layers, {STUDENT['hidden_size']} wide, {steps(300)} steps): "

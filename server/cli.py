@@ -61,7 +61,12 @@ def _serve(args: argparse.Namespace) -> int:
                               max_queue=args.max_queue,
                               embedding_model=None if args.embedding_model == "none" else args.embedding_model,
                               rag_index=args.rag_index)
-    app = create_app(settings)
+    from models.reward import is_reward_model
+    if is_reward_model(args.model):  # a reward model answers /score, not generation (server/score.py)
+        from server.score import create_score_app
+        app = create_score_app(settings)
+    else:
+        app = create_app(settings)
     state = app.state.tokenmill
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.grace_period)

@@ -56,3 +56,14 @@ def test_reward_model_learns_pairs_and_scores_like_transformers(toy_pretrained_d
     torch.testing.assert_close(scores, alone, rtol=0, atol=1e-4)
     torch.testing.assert_close(scores, batched, rtol=0, atol=1e-4)
     assert scores[0] > scores[1]  # the held-out-style chosen answer wins
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_follow_the_single_process_reward_curve(toy_pretrained_dir, tmp_path):
+    from tests.conftest import torchrun
+    common = dict(model=str(toy_pretrained_dir), data=[_pairs(tmp_path / "p.jsonl", 32, 0)], max_steps=3,
+                  batch_size=4, warmup_steps=1, lr=1e-3, progress=False)
+    one = reward(RewardSettings(out_dir=str(tmp_path / "one"), grad_accum=2, **common))
+    torchrun("reward", {**common, "out_dir": tmp_path / "two"})
+    losses = [[r["loss"] for r in _records(out)] for out in (one, tmp_path / "two")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
