@@ -4,7 +4,6 @@ for rag, server/retrieval.py), hand to the AsyncEngine, format its outputs."""
 import asyncio
 import json
 import logging
-import secrets
 import threading
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -21,7 +20,8 @@ from engine.config import EngineConfig
 from server import responses as fmt
 from server.async_engine import AsyncEngine
 from server.constraints import check_compiles, plan_chat, plan_completion
-from server.errors import APIError, BodySizeLimit, ClientDisconnected, error_response, install_error_handlers
+from server.errors import (APIError, BodySizeLimit, ClientDisconnected, check_api_key, error_response,
+                           install_error_handlers, unavailable)
 from server.metrics import Metrics
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                              EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelCard, ModelList, random_id)
@@ -102,17 +102,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     def ready() -> AsyncEngine:
         if state.engine is None or state.draining:
-            raise APIError(503, "the server is draining" if state.draining else "the model is still loading",
-                           code="unavailable")
+            raise unavailable(state.draining)
         return state.engine
 
     def authorized(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), settings.api_key.encode()):
-            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+        check_api_key(request, settings.api_key)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != settings.served_model_name:

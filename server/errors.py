@@ -1,6 +1,7 @@
 """Every error becomes OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}; never a stack trace."""
 import logging
 import re
+import secrets
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -127,3 +128,17 @@ class BodySizeLimit:
     async def _reject(self, scope, receive, send):
         response = error_response(413, f"request body exceeds {self.max_bytes} bytes", code="body_too_large")
         await response(scope, receive, send)
+
+
+def check_api_key(request: Request, api_key: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <api_key>` (nothing to check without a key)."""
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
+        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+
+def unavailable(draining: bool) -> APIError:
+    """The 503 of a server whose model is still loading, or that is draining."""
+    return APIError(503, "the server is draining" if draining else "the model is still loading", code="unavailable")

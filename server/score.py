@@ -10,7 +10,6 @@ reward model saw its training pairs, and the score is the raw reward (no sigmoid
 API key work as in the generation server."""
 import asyncio
 import logging
-import secrets
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from models.reward import RewardModel, load_reward_model
-from server.errors import APIError, BodySizeLimit, install_error_handlers
+from server.errors import APIError, BodySizeLimit, check_api_key, install_error_handlers, unavailable
 from server.protocol import EmbeddingUsage, ErrorResponse, ModelCard, ModelList, _now, _Request, random_id
 
 logger = logging.getLogger(__name__)
@@ -110,16 +109,11 @@ def create_score_app(settings) -> FastAPI:
 
     def ready() -> ScoreState:
         if state.model is None or state.draining:
-            raise APIError(503, "the server is draining" if state.draining else "the model is still loading",
-                           code="unavailable")
+            raise unavailable(state.draining)
         return state
 
     def authorized(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), settings.api_key.encode()):
-            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+        check_api_key(request, settings.api_key)
 
     @app.get("/health")
     async def health():
