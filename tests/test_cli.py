@@ -4,7 +4,7 @@ from server.cli import main
 
 def test_generate_prints_the_completion(tiny_checkpoint, capsys):
     code = main(["generate", str(tiny_checkpoint("qwen2")), "--dtype", "float32", "--max-tokens", "5",
-                 "--kv-cache-memory", "4MiB", "--chat", "--prompt", "hello there"])
+                 "--kv-cache-memory", "4MiB", "--chat", "--prompt", "hello there", "--enforce-eager"])
     out = capsys.readouterr().out
     assert code == 0
     assert "5 generated, finish_reason=length" in out or "finish_reason=stop" in out

@@ -21,11 +21,11 @@ def _answers(llm: LLM, conversations, params) -> list[tuple[list[int], list]]:
 @pytest.mark.slow
 def test_default_settings_are_batch_invariant_and_equal_to_eager(smollm_gguf):
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
     llm = LLM("default", **SETTINGS)
     assert llm.engine.path in PATHS and llm.engine.runner.decode_step is not None
     alone = [_answers(llm, [c], params)[0] for c in conversations]
-    assert all(len(tokens) == 48 for tokens, _ in alone)
+    assert all(len(tokens) == 32 for tokens, _ in alone)
     assert _answers(llm, conversations, params) == alone
     assert _answers(llm, conversations[::-1], params) == alone[::-1]
     del llm

@@ -42,10 +42,12 @@ def test_greedy_tokens_identical_however_requests_are_served(tiny_checkpoint, ar
     assert _tokens(cached.generate(prompts, PARAMS, use_tqdm=False)) == alone  # (c) warm
     assert cached.engine.block_manager.prefix_hits - hits >= sum(len(p) // 16 - 1 for p in prompts)
 
-    chunked = _llm(model, max_num_batched_tokens=5)  # (d) chunks of 5 tokens, across block boundaries
+    # eager from here: the compiled step equals the eager one (test_decode_step.py), and each pool size would
+    # compile it again
+    chunked = _llm(model, max_num_batched_tokens=5, enforce_eager=True)  # (d) chunks of 5, across block boundaries
     assert _tokens(chunked.generate(prompts, PARAMS, use_tqdm=False)) == alone
 
-    tight = _llm(model, num_kv_blocks=14)  # (e) room for two long sequences at a time
+    tight = _llm(model, num_kv_blocks=14, enforce_eager=True)  # (e) room for two long sequences at a time
     assert _tokens(tight.generate(prompts, PARAMS, use_tqdm=False)) == alone
     assert tight.engine.num_preemptions > 0
     bm = tight.engine.block_manager

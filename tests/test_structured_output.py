@@ -113,7 +113,8 @@ def test_a_constraint_that_does_not_compile_is_refused_before_anything_is_queued
 
 @pytest.mark.slow
 def test_offline_chat_with_a_named_tool_returns_a_parsed_valid_call(smollm_gguf):
-    llm = LLM(str(smollm_gguf), max_model_len=1024, kv_cache_memory="64MiB")
+    # eager: the tool-call path is what is checked here; a compile for these shapes adds ~40 s to the suite
+    llm = LLM(str(smollm_gguf), max_model_len=1024, kv_cache_memory="64MiB", enforce_eager=True)
     tools = [{"type": "function", "function": {"name": "plan_trip", "parameters": ENUM_CITY}},
              {"type": "function", "function": {"name": "noop", "parameters": {"type": "object"}}}]
     out = llm.chat([{"role": "user", "content": "Plan a trip to Rome for three days."}],
