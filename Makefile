@@ -62,7 +62,7 @@ llama-server: .build/llama-server
 data: install
 	$(VENV)/bin/tokenmill train data out_dir=data
 
-# Every training stage at demo size on that corpus; writes benchmarks/results/training.md (~15 min on 2 cores).
+# Every training stage at demo size on that corpus; writes benchmarks/results/training.md (~50 min on 2 cores).
 train-demo: data
 	$(PY) benchmarks/training_bench.py --data data --out-dir out/demo
 

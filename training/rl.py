@@ -186,7 +186,7 @@ def rl(s: RLSettings) -> Path:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
-    if step == 0 and rank == 0:
+    if step == 0 and rank == 0 and val:  # the starting point, to measure what training changed
         log({"step": 0}, True)
     end = min(s.max_steps, s.stop_at) if s.stop_at else s.max_steps
     save = saver(s, loaded)
