@@ -320,9 +320,12 @@ def rag_index(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(rag_index):
     """The default SmolLM2 model served with an API key, embeddings and a rag index; shared by all server tests."""
-    # the first start on a machine measures the CPU paths and compiles the decode step (a few minutes on 2 cores)
+    # the first start on a machine measures the CPU paths (~30 s on 2 cores). Eager: these tests check the API,
+    # and compiling the 30-layer decode step costs 1-2 minutes per process; the default settings' compiled step
+    # is checked in test_default_path.py
     running = RunningServer("default", "--served-model-name", "smollm2", "--max-model-len", "2048",
-                            "--kv-cache-memory", "512MiB", "--rag-index", str(rag_index), startup_timeout=600)
+                            "--kv-cache-memory", "512MiB", "--rag-index", str(rag_index), "--enforce-eager",
+                            startup_timeout=600)
     yield running
     running.stop()
 

@@ -9,7 +9,7 @@ from engine.path_choice import PATHS
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "Write a haiku about the sea.",
              "How do I reverse a list in Python?", "Why is the sky blue?", "What is 17 times 23?",
              "Give me three tips for better sleep.", "Explain recursion to a child."]
-# the settings of the shared server fixture (tests/conftest.py): the same compiled step, read from the cache
+# the settings of the shared server fixture (tests/conftest.py)
 SETTINGS = dict(max_model_len=2048, kv_cache_memory="512MiB")
 
 

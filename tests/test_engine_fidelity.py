@@ -32,7 +32,7 @@ def _llm(model: str, **kw) -> LLM:
 def test_greedy_tokens_identical_however_requests_are_served(tiny_checkpoint, arch):
     model = str(tiny_checkpoint(arch))
     prompts = shared_prefix_prompts(TINY_VOCAB)
-    plain = _llm(model, enable_prefix_caching=False)
+    plain = _llm(model, enable_prefix_caching=False, enforce_eager=True)
     alone = [_tokens(plain.generate([p], PARAMS, use_tqdm=False))[0] for p in prompts]
     assert _tokens(plain.generate(prompts, PARAMS, use_tqdm=False)) == alone  # (b) together
 
@@ -42,7 +42,7 @@ def test_greedy_tokens_identical_however_requests_are_served(tiny_checkpoint, ar
     assert _tokens(cached.generate(prompts, PARAMS, use_tqdm=False)) == alone  # (c) warm
     assert cached.engine.block_manager.prefix_hits - hits >= sum(len(p) // 16 - 1 for p in prompts)
 
-    # eager from here: the compiled step equals the eager one (test_decode_step.py), and each pool size would
+    # eager but for `cached`: the compiled step equals the eager one (test_decode_step.py), and each engine would
     # compile it again
     chunked = _llm(model, max_num_batched_tokens=5, enforce_eager=True)  # (d) chunks of 5, across block boundaries
     assert _tokens(chunked.generate(prompts, PARAMS, use_tqdm=False)) == alone
