@@ -40,13 +40,7 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score_ids(self, rows: list[list[int]], batch_size: int = 16) -> torch.Tensor:
         """Scores of token-id sequences of any lengths, in batches."""
-        out = []
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            ids = torch.full((len(chunk), max(map(len, chunk))), self.pad_token_id, dtype=torch.long)
-            for j, row in enumerate(chunk):
-                ids[j, :len(row)] = torch.tensor(row)
-            out.append(self(ids))
+        out = [self(right_padded(rows[i:i + batch_size], self.pad_token_id)) for i in range(0, len(rows), batch_size)]
         return torch.cat(out) if out else torch.zeros(0)
 
     def hf_config(self) -> dict:
@@ -58,6 +52,14 @@ class RewardModel(nn.Module):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         weights = {k: v for k, v in self.decoder.hf_state_dict().items() if not k.startswith("lm_head")}
         return weights | {"score.weight": self.score.weight.detach()}
+
+
+def right_padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """Token-id rows of any lengths as one [B, T] tensor, right-padded with `pad`."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+    return ids
 
 
 def pad_token_id(tokenizer: Tokenizer) -> int:

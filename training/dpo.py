@@ -26,17 +26,23 @@ class DPOSettings(FinetuneSettings):
     min_lr: float = 5e-6
 
 
+def read_prompt(row: dict, where: str) -> list[dict]:
+    """A record's "prompt": a string (one user turn) or a list of messages; anything else names file:line."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+        raise ValueError(f"{where}: \"prompt\" must be a string or a list of messages")
+    return prompt
+
+
 def read_pairs(patterns: list[str]) -> list[tuple[str, list[dict], str, str]]:
     pairs = []
     for path in expand(patterns):
         for number, row in read_jsonl(path):
             where = f"{path}:{number}"
-            prompt = row.get("prompt")
-            if isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            if not isinstance(prompt, list) or not prompt or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
-                raise ValueError(f"{where}: \"prompt\" must be a string or a list of messages")
+            prompt = read_prompt(row, where)
             if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
                 raise ValueError(f"{where}: a preference pair needs string fields \"chosen\" and \"rejected\"")
             if row["chosen"] == row["rejected"]:
@@ -56,12 +62,19 @@ def encode_pairs(tokenizer, pairs, max_len: int) -> list[tuple[tuple, tuple]]:
     return out
 
 
+def token_logprobs(logits_of, rows, pad_id: int, entropy: bool = False):
+    """Per answer token of each row, one forward for all rows: log-probabilities [B, T-1], the mask of answer
+    tokens, and (with entropy=True) the distribution's entropy there."""
+    x, y = padded(rows, pad_id)
+    logprobs = F.log_softmax(logits_of(x).float(), dim=-1)
+    picked = logprobs.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ent = -(logprobs.exp() * logprobs).sum(-1).detach() if entropy else None
+    return picked, y != -100, ent
+
+
 def answer_logprobs(logits_of, rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probabilities of each row's answer tokens, their count), one forward for all rows."""
-    x, y = padded(rows, pad_id)
-    logprobs = F.log_softmax(logits_of(x), dim=-1)
-    mask = y != -100
-    picked = logprobs.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    picked, mask, _ = token_logprobs(logits_of, rows, pad_id)
     return (picked * mask).sum(-1), mask.sum(-1)
 
 

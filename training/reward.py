@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.reward import RewardModel, pad_token_id
+from models.reward import RewardModel, pad_token_id, right_padded
 from training.checkpoint import save_reward_model
 from training.data import SampleOrder
 from training.dpo import encode_pairs, read_pairs
@@ -24,13 +24,6 @@ class RewardSettings(FinetuneSettings):
     out_dir: str = "out/reward"
     lr: float = 5e-5
     min_lr: float = 5e-6
-
-
-def padded_ids(rows: list[list[int]], pad: int) -> torch.Tensor:
-    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-    return ids
 
 
 def reward(s: RewardSettings) -> Path:
@@ -48,7 +41,7 @@ def reward(s: RewardSettings) -> Path:
     order = SampleOrder(len(pairs), s.seed)
 
     def margins(forward, batch) -> torch.Tensor:
-        scores = forward(padded_ids([c for c, _ in batch] + [r for _, r in batch], pad))
+        scores = forward(right_padded([c for c, _ in batch] + [r for _, r in batch], pad))
         return scores[:len(batch)] - scores[len(batch):]
 
     def micro_loss(forward, first: int, size: int):

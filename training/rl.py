@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from models.reward import load_reward_model
 from training.data import SampleOrder, encode_conversation, expand, read_jsonl
+from training.dpo import read_prompt, token_logprobs
 from training.lora import merge_lora
 from training.rules import check_rule, operands
-from training.sft import FinetuneSettings, padded, saver, start_model
+from training.sft import FinetuneSettings, saver, start_model
 from training.trainer import Forward, build_optimizer, distributed, lr_at, mixed_precision, resume, save_state
 
 
@@ -63,12 +63,8 @@ def read_prompts(patterns: list[str], need_operands: bool) -> list[tuple[str, li
     out = []
     for path in expand(patterns):
         for number, row in read_jsonl(path):
-            where, prompt = f"{path}:{number}", row.get("prompt")
-            if isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            if not isinstance(prompt, list) or not prompt or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
-                raise ValueError(f"{where}: \"prompt\" must be a string or a list of messages")
+            where = f"{path}:{number}"
+            prompt = read_prompt(row, where)
             if need_operands and operands(prompt[-1]["content"]) is None:
                 raise ValueError(f"{where}: the rule needs a question of the form \"a plus b\"")
             out.append((where, prompt))
@@ -120,15 +116,6 @@ def rollout(engine: LLMEngine, tokenizer, prompts, params: SamplingParams, tag: 
             if o.finished:
                 done[o.request_id] = o
     return [(ids[i], o.token_ids, o.text) for i in range(len(prompts)) for o in done[f"{tag}-{i}"].outputs]
-
-
-def token_logprobs(logits_of, rows, pad: int, entropy: bool = False):
-    """Per answer token: log-probabilities [B, T-1], the mask of answer tokens, and (optionally) the entropy."""
-    x, y = padded(rows, pad)
-    logprobs = F.log_softmax(logits_of(x).float(), dim=-1)
-    picked = logprobs.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    ent = -(logprobs.exp() * logprobs).sum(-1).detach() if entropy else None
-    return picked, y != -100, ent
 
 
 def rl(s: RLSettings) -> Path:
@@ -203,8 +190,8 @@ def rl(s: RLSettings) -> Path:
         grouped = scored["reward"].view(-1, n)
         advantage = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
         rows = [(p + a, [-100] * len(p) + a) for p, a, _ in done]
-        micro = [range(i, min(i + -(-len(rows) // s.grad_accum), len(rows)))
-                 for i in range(0, len(rows), -(-len(rows) // s.grad_accum))]
+        size = -(-len(rows) // s.grad_accum)
+        micro = [range(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
         with torch.no_grad(), mixed_precision():
             old = [token_logprobs(policy.causal_logits, [rows[i] for i in m], pad)[0] for m in micro]
             ref = [token_logprobs(reference.causal_logits, [rows[i] for i in m], pad)[0] for m in micro]
