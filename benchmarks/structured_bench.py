@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.sampling_params import StructuredOutputsParams  # noqa: E402
-from models.tool_grammar import tool_call_structural_tag  # noqa: E402
+from text.tool_grammar import tool_call_structural_tag  # noqa: E402
 
 CITY = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40},

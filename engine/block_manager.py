@@ -59,7 +59,7 @@ class BlockManager:
         total = self.blocks_needed(seq.num_tokens)
         hits: list[int] = []
         hashes: list[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not seq.wants_prompt_logprobs:
             # at least the last token must be computed: its logits give the next token
             hashes = self._prefix_hashes(seq, (seq.num_tokens - 1) // self.block_size)
             for h in hashes:

@@ -10,8 +10,8 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams, StructuredOutputsParams
-from models.tool_grammar import tool_call_structural_tag
-from models.tool_parser import parse_tool_calls
+from text.tool_grammar import tool_call_structural_tag
+from text.tool_parser import parse_tool_calls
 
 Message = dict[str, Any]
 

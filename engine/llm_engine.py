@@ -263,13 +263,42 @@ class LLMEngine:
         """Run the model on the step's tokens, sample for the sequences whose last token it computed (a prefill
         chunk with more to come samples nothing), then commit the step to the scheduler."""
         logits = self.runner.run(seqs, is_prefill)
-        rows = [i for i, seq in enumerate(seqs) if self.scheduler.will_sample(seq)]
+        for seq in seqs:
+            if seq.seq_id in self.runner.prompt_logits:
+                self._add_prompt_logprobs(seq, self.runner.prompt_logits[seq.seq_id])
+        # a request with max_tokens 0 only computes its prompt: it finishes without a token
+        done = [seq for seq in seqs if seq.params.max_tokens == 0 and self.scheduler.will_sample(seq)]
+        rows = [i for i, seq in enumerate(seqs) if self.scheduler.will_sample(seq) and seq.params.max_tokens != 0]
         ready = [seqs[i] for i in rows]
         sampled = self.sampler(logits[rows] if len(rows) < len(seqs) else logits, ready) if ready else None
         self.scheduler.commit(seqs)
-        return list(zip(ready, sampled.token_ids, sampled.logprobs)) if ready else []
+        results = list(zip(ready, sampled.token_ids, sampled.logprobs)) if ready else []
+        return results + [(seq, None, None) for seq in done]
 
-    def _advance(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:
+    @staticmethod
+    def _add_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
+        """Entries for the prompt tokens this chunk's logits predict (position p gives token p + 1), past those
+        already known (a recomputed chunk after preemption adds nothing twice)."""
+        start, prompt = seq.num_cached_tokens, seq.prompt_token_ids
+        targets = prompt[start + 1:start + 1 + len(logits)]
+        if not targets:
+            return
+        logprobs = torch.log_softmax(logits[:len(targets)], dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        k = seq.params.prompt_logprobs
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        top_lp, top_ids = (top_lp.tolist(), top_ids.tolist()) if k else ([], [])
+        for j, token in enumerate(targets):
+            if start + 1 + j != len(seq.prompt_logprobs):
+                continue
+            entry = dict(zip(top_ids[j], top_lp[j])) if k else {}
+            entry[token] = chosen[j]
+            seq.prompt_logprobs.append(entry)
+
+    def _advance(self, request: _Request, seq: Sequence, token: int | None, logprobs) -> None:
+        if token is None:  # max_tokens 0: the prompt is computed
+            self.scheduler.finish(seq, "length")
+            return
         if seq.grammar is not None and not seq.grammar.is_terminated() and not seq.grammar.accept_token(token):
             raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
         seq.output_token_ids.append(token)
@@ -308,6 +337,13 @@ class LLMEngine:
             return "length"
         return None
 
+    @staticmethod
+    def _prompt_logprobs(request: _Request) -> list | None:
+        seq = request.seqs[0]
+        if seq.prompt_logprobs is None or seq.wants_prompt_logprobs:
+            return None
+        return seq.prompt_logprobs
+
     def _output(self, request: _Request) -> RequestOutput:
         outputs = [CompletionOutput(index=seq.index, text=detok.text, token_ids=list(seq.output_token_ids),
                                     finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
@@ -317,7 +353,7 @@ class LLMEngine:
                              prompt_token_ids=request.prompt_token_ids, outputs=outputs,
                              finished=all(seq.is_finished for seq in request.seqs),
                              num_preemptions=sum(seq.num_preemptions for seq in request.seqs),
-                             error=request.error,
+                             error=request.error, prompt_logprobs=self._prompt_logprobs(request),
                              arrival_time=request.seqs[0].arrival_time,
                              first_scheduled_time=min((s.first_scheduled_time for s in request.seqs
                                                        if s.first_scheduled_time is not None), default=None))

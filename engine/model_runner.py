@@ -44,6 +44,7 @@ class ModelRunner:
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
         self.decode_step = None
+        self.prompt_logits: dict[int, torch.Tensor] = {}
         # CUDA graphs of the Triton kernels, or the compiled CPU step with the cpu backend (Triton's interpreter
         # on a CPU cannot be compiled)
         if not enforce_eager and backend.graph_safe and (device.type == "cuda") == (backend.name == "triton"):
@@ -92,12 +93,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Next-token logits [len(seqs), vocab], float32."""
+        """Next-token logits [len(seqs), vocab], float32. A prefill also leaves in `prompt_logits` the logits of
+        every position it computed for the sequences that want prompt logprobs (seq_id -> [tokens, vocab])."""
+        self.prompt_logits = {}
         if not is_prefill and self.decode_step is not None:
             return self.model.compute_logits(self.decode_step.run(seqs))
         prepare = self._prepare_prefill if is_prefill else self._prepare_decode
         input_ids, positions, meta, last = prepare(seqs)
         hidden = self.model(input_ids, positions, meta)
-        if last is not None:
-            hidden = hidden[last]
-        return self.model.compute_logits(hidden)
+        if last is None or not any(seq.wants_prompt_logprobs for seq in seqs):
+            return self.model.compute_logits(hidden if last is None else hidden[last])
+        start = 0
+        for seq, end in zip(seqs, last.tolist()):
+            if seq.wants_prompt_logprobs:
+                self.prompt_logits[seq.seq_id] = self.model.compute_logits(hidden[start:end + 1])
+            start = end + 1
+        return self.model.compute_logits(hidden[last])

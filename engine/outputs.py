@@ -10,7 +10,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     logprobs: list[dict[int, float]] | None = None  # per generated token: token id -> logprob
-    tool_calls: list | None = None  # LLM.chat with tools: the models.tool_parser.ToolCall list parsed from text
+    tool_calls: list | None = None  # LLM.chat with tools: the text.tool_parser.ToolCall list parsed from text
 
     @property
     def finished(self) -> bool:
@@ -28,3 +28,6 @@ class RequestOutput:
     arrival_time: float = 0.0  # time.monotonic() when the request was added
     first_scheduled_time: float | None = None  # when its prefill first ran (queue time = this - arrival_time)
     error: str | None = None  # set when serving this request raised; it is finished and its blocks are freed
+    # with SamplingParams.prompt_logprobs, once the prompt is computed: per prompt token (the first None), its id
+    # and the top alternatives -> logprob
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -57,10 +57,11 @@ class SamplingParams:
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    max_tokens: int | None = 16  # None: up to max_model_len
+    max_tokens: int | None = 16  # None: up to max_model_len; 0: only the prompt is computed (with prompt_logprobs)
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives returned with each sampled token
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's name)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
@@ -87,14 +88,16 @@ class SamplingParams:
                 raise bad(name, "must be in [-2, 2]")
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "must be > 0")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", "must be an integer >= 1")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise bad("max_tokens", "must be an integer >= 0")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= _MAX_LOGPROBS:
-            raise bad("logprobs", f"must be in [0, {_MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= _MAX_LOGPROBS):
+                raise bad(name, f"must be in [0, {_MAX_LOGPROBS}]")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
         if self.logit_bias:

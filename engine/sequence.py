@@ -31,6 +31,9 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[dict[int, float]] | None = None
+    # with params.prompt_logprobs, on the request's first sequence: one entry per prompt token (the first None),
+    # filled by the prefill chunks as they run
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     generator: torch.Generator | None = None
     grammar: Any = None  # an xgrammar GrammarMatcher when the request constrains its output
     num_preemptions: int = 0
@@ -42,6 +45,13 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: its prompt must be computed, not taken from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

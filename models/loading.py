@@ -11,7 +11,7 @@ from models.config import ModelConfig
 from models.hf_loader import hf_config, hf_weights
 from models.llama import LlamaForCausalLM, RotaryEmbedding
 from models.quantize import QUANTIZATIONS, quantize_gguf, quantize_int4, quantize_int8
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

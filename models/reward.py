@@ -12,7 +12,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.hf_loader import hf_config, hf_weights
 from models.llama import CausalBatch, LlamaForCausalLM
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
 

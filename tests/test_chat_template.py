@@ -1,10 +1,10 @@
-"""models.chat_template: HF-compatible rendering, in a sandbox."""
+"""text.chat_template: HF-compatible rendering, in a sandbox."""
 from datetime import datetime
 
 import jinja2
 import pytest
 
-from models.chat_template import compile_chat_template, render_chat_template
+from text.chat_template import compile_chat_template, render_chat_template
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 USER = {"role": "user", "content": "What is 2+2?"}

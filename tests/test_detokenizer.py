@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 
 from engine.detokenizer import IncrementalDetokenizer
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 
 MIXED = "Héllo wörld! Ça va? 😀🎉 日本語のテキスト 👨\u200d👩\u200d👧 naïve café — done.\nNext: 12345 ✓"
 

@@ -16,7 +16,7 @@ from models.gguf_loader import gguf_quantized, gguf_to_hf_config, gguf_weights
 from models.hf_loader import hf_config, hf_weights
 from models.loading import load_model
 from models.quantize import GGUFLinear
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 from tests.conftest import ROOT, TINY_VOCAB, write_tiny_gguf
 
 _MISSING = cpu_ops.missing()

@@ -264,3 +264,20 @@ def test_update_weights_in_place_changes_the_answers_and_drops_the_prefix_cache(
     with pytest.raises(RuntimeError, match="while requests run"):
         llm.engine.update_weights(policy.hf_state_dict())
     llm.engine.abort_request("running")
+
+
+def test_prompt_logprobs_do_not_depend_on_batch_cache_or_max_tokens_zero(tiny_llm):
+    """Prompt logprobs from a cold prompt alone, from a batch where the same prompt's blocks are already cached,
+    and with max_tokens 0 (prompt only: no token, blocks back in the pool) are the same numbers."""
+    prompts = _prompts(4, seed=5)
+    alone = tiny_llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2),
+                              use_tqdm=False)[0]
+    assert alone.prompt_logprobs[0] is None and len(alone.prompt_logprobs) == len(prompts[0])
+    assert all(len(e) in (2, 3) and prompts[0][p] in e for p, e in enumerate(alone.prompt_logprobs) if p)
+    batch = tiny_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=2, n=2),
+                              use_tqdm=False)
+    scored = batch[0]
+    assert [o.token_ids for o in scored.outputs] == [[], []] and scored.outputs[0].finish_reason == "length"
+    for want, got in zip(alone.prompt_logprobs[1:], scored.prompt_logprobs[1:]):
+        assert want.keys() == got.keys() and all(abs(want[k] - got[k]) < 1e-5 for k in want)
+    assert _all_blocks_free(tiny_llm)

@@ -1,4 +1,4 @@
-"""models.tokenizer.Tokenizer against transformers and sentencepiece, over GGUF, tokenizer.json and tokenizer.model."""
+"""text.tokenizer.Tokenizer against transformers and sentencepiece, over GGUF, tokenizer.json and tokenizer.model."""
 import json
 import random
 from pathlib import Path
@@ -7,7 +7,7 @@ import gguf
 import pytest
 import sentencepiece as spm
 
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello, world!",

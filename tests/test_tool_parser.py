@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from models.tool_parser import Delta, StreamingToolParser, ToolCall, parse_tool_calls
+from text.tool_parser import Delta, StreamingToolParser, ToolCall, parse_tool_calls
 
 
 def call(name, args=None, key="arguments"):

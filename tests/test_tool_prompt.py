@@ -2,7 +2,7 @@
 the Hermes / Qwen convention, with earlier tool calls and results rewritten as text."""
 import json
 
-from models.tool_prompt import template_handles_tools, with_tools_in_prompt
+from text.tool_prompt import template_handles_tools, with_tools_in_prompt
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

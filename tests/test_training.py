@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 from training.data import PackedSamples, read_documents, read_jsonl
 from training.pretrain import PretrainSettings, lr_at, pretrain
 from training.settings import load_settings

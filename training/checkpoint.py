@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from models.llama import LlamaForCausalLM
 from models.reward import RewardModel
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models.loading import load_model
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 from training.pretrain import PretrainSettings, pretrain
 
 

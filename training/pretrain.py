@@ -18,7 +18,7 @@ from kernels.moe import load_balancing_loss
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.moe import moe_layers
-from models.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 from training.checkpoint import save_pretrained
 from training.data import PackedSamples, read_documents, token_stream
 from training.trainer import TrainSettings, lr_at, start_process, train

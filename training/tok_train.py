@@ -8,7 +8,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from models.gguf_tokenizer import sentencepiece_bpe
+from text.gguf_tokenizer import sentencepiece_bpe
 from training.data import read_documents
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"

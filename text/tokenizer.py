@@ -9,8 +9,8 @@ import tokenizers
 from sentencepiece import SentencePieceProcessor
 from tokenizers import AddedToken, processors
 
-from models.gguf_tokenizer import NORMAL, SPACE, byte_level_bpe, sentencepiece_bpe
-from models.tool_prompt import template_handles_tools, with_tools_in_prompt
+from text.gguf_tokenizer import NORMAL, SPACE, byte_level_bpe, sentencepiece_bpe
+from text.tool_prompt import template_handles_tools, with_tools_in_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class Tokenizer:
                                   for m in messages)
         if uses_tools and not template_handles_tools(template):
             messages, tools = with_tools_in_prompt(messages, tools), None
-        from models.chat_template import render_chat_template  # jinja2: needed only to render templates
+        from text.chat_template import render_chat_template  # jinja2: needed only to render templates
         return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                     bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
 

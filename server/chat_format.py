@@ -7,7 +7,8 @@ import time
 from collections.abc import AsyncIterator
 
 from engine import CompletionOutput, RequestOutput
-from models.tool_parser import StreamingToolParser, parse_tool_calls
+from text.reasoning import Reasoning, StreamingReasoning, split
+from text.tool_parser import StreamingToolParser, parse_tool_calls
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -21,6 +22,7 @@ class _Formatter:
     def __init__(self, request_id: str, model: str, tokenizer, num_logprobs: int):
         self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
         self.num_logprobs = num_logprobs
+        self.prompt_logprobs: int | None = None
         self.created = int(time.time())
 
     def _token(self, token_id: int) -> str:
@@ -28,6 +30,21 @@ class _Formatter:
 
     def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
         return sorted(entry.items(), key=lambda kv: -kv[1])[:self.num_logprobs]
+
+    def _vllm_prompt_logprobs(self, out: RequestOutput) -> list | None:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, decoded_token}} for
+        the token itself and the top alternatives asked for."""
+        if self.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None
+        result = []
+        for token_id, entry in zip(out.prompt_token_ids, out.prompt_logprobs):
+            if entry is None:
+                result.append(None)
+                continue
+            keep = dict(sorted(entry.items(), key=lambda kv: -kv[1])[:self.prompt_logprobs])
+            keep[token_id] = entry[token_id]
+            result.append({str(i): {"logprob": lp, "decoded_token": self._token(i)} for i, lp in keep.items()})
+        return result
 
     def _body(self, choices: list[dict], **extra) -> dict:
         return {"id": self.request_id, "object": self.object_name, "created": self.created, "model": self.model,
@@ -39,9 +56,11 @@ class ChatFormatter(_Formatter):
     parser's incremental twin, so the streamed deltas add up to the non-streamed message)."""
     object_name = "chat.completion"
 
-    def __init__(self, request_id: str, model: str, tokenizer, n: int, top_logprobs: int, parse_tools: bool = False):
+    def __init__(self, request_id: str, model: str, tokenizer, n: int, top_logprobs: int, parse_tools: bool = False,
+                 reasoning: Reasoning | None = None, prompt_logprobs: int | None = None):
         super().__init__(request_id, model, tokenizer, top_logprobs)
-        self.n, self.parse_tools = n, parse_tools
+        self.n, self.parse_tools, self.reasoning = n, parse_tools, reasoning
+        self.prompt_logprobs = prompt_logprobs
 
     def _logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None) -> dict | None:
         if entries is None:
@@ -56,10 +75,15 @@ class ChatFormatter(_Formatter):
         return {"content": content}
 
     def _message(self, o: CompletionOutput) -> tuple[dict, str | None]:
+        thought, text = split(o.text, self.reasoning)
+        # both names: SGLang, llama.cpp and most clients read reasoning_content; vLLM and Ollama reasoning
+        message = {"role": "assistant", "content": text}
+        if self.reasoning is not None:
+            message |= {"reasoning_content": thought, "reasoning": thought}
         if not self.parse_tools:
-            return {"role": "assistant", "content": o.text}, o.finish_reason
-        content, calls = parse_tool_calls(o.text)
-        message = {"role": "assistant", "content": content}
+            return message, o.finish_reason
+        content, calls = parse_tool_calls(text)
+        message["content"] = content
         if calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
@@ -72,7 +96,8 @@ class ChatFormatter(_Formatter):
             choices.append({"index": o.index, "message": message,
                             "logprobs": self._logprobs(o.token_ids, o.logprobs), "finish_reason": finish_reason})
         completion = sum(len(o.token_ids) for o in out.outputs)
-        return self._body(choices, usage=_usage(len(out.prompt_token_ids), completion))
+        extra = {} if self.prompt_logprobs is None else {"prompt_logprobs": self._vllm_prompt_logprobs(out)}
+        return self._body(choices, usage=_usage(len(out.prompt_token_ids), completion), **extra)
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool):
         extra = {"usage": None} if include_usage else {}
@@ -87,6 +112,7 @@ class ChatFormatter(_Formatter):
             yield chunk(i, {"role": "assistant", "content": ""}, None, None)
         progress = _Progress(self.n)
         tools = [_ToolStream() for _ in range(self.n)] if self.parse_tools else None
+        thinking = [StreamingReasoning(self.reasoning) for _ in range(self.n)]
         last = None
         async for _, out in outputs:
             last = out
@@ -96,8 +122,13 @@ class ChatFormatter(_Formatter):
                     continue
                 delta, token_ids, entries = new
                 logprobs = self._logprobs(token_ids, entries)
+                thought, delta = thinking[o.index].feed(delta, final=o.finish_reason is not None)
+                if thought:
+                    yield chunk(o.index, {"reasoning_content": thought, "reasoning": thought}, logprobs, None)
+                    logprobs = None
                 if tools is None:
-                    yield chunk(o.index, {"content": delta}, logprobs, o.finish_reason)
+                    if delta or o.finish_reason or not thought:
+                        yield chunk(o.index, {"content": delta}, logprobs, o.finish_reason)
                     continue
                 for delta, logprobs, finish_reason in tools[o.index].advance(delta, logprobs, o.finish_reason):
                     yield chunk(o.index, delta, logprobs, finish_reason)
@@ -146,9 +177,30 @@ class CompletionFormatter(_Formatter):
     object_name = "text_completion"
 
     def __init__(self, request_id: str, model: str, tokenizer, n: int, num_prompts: int, echo: bool,
-                 logprobs: int | None):
+                 logprobs: int | None, prompt_logprobs: int | None = None):
         super().__init__(request_id, model, tokenizer, logprobs or 0)
         self.n, self.num_prompts, self.echo, self.want_logprobs = n, num_prompts, echo, logprobs is not None
+        self.prompt_logprobs = prompt_logprobs
+
+    def _echoed_logprobs(self, out: RequestOutput) -> dict:
+        """The prompt's part of `logprobs` with echo, as OpenAI's legacy completions: the first token has none."""
+        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+        for token_id, entry in zip(out.prompt_token_ids, entries):
+            text = self._token(token_id)
+            tokens.append(text)
+            token_logprobs.append(None if entry is None else entry[token_id])
+            top.append(None if entry is None else {self._token(i): lp for i, lp in self._top(entry)})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _with_prompt(self, out: RequestOutput, generated: dict | None) -> dict | None:
+        if not (self.echo and self.want_logprobs):
+            return generated
+        echoed = self._echoed_logprobs(out)
+        return {key: echoed[key] + (generated or {}).get(key, []) for key in echoed}
+
 
     def _logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None, offset: int) -> dict | None:
         if not self.want_logprobs or entries is None:
@@ -173,9 +225,12 @@ class CompletionFormatter(_Formatter):
         for p, out in enumerate(outs):
             prefix = self._prefix(out)
             for o in out.outputs:
-                choices.append({"index": p * self.n + o.index, "text": prefix + o.text,
-                                "logprobs": self._logprobs(o.token_ids, o.logprobs, len(prefix)),
-                                "finish_reason": o.finish_reason})
+                choice = {"index": p * self.n + o.index, "text": prefix + o.text,
+                          "logprobs": self._with_prompt(out, self._logprobs(o.token_ids, o.logprobs, len(prefix))),
+                          "finish_reason": o.finish_reason}
+                if self.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
+                choices.append(choice)
         prompt_tokens = sum(len(out.prompt_token_ids) for out in outs)
         completion = sum(len(o.token_ids) for out in outs for o in out.outputs)
         return self._body(choices, usage=_usage(prompt_tokens, completion))
@@ -193,13 +248,16 @@ class CompletionFormatter(_Formatter):
                     continue
                 delta, token_ids, entries = new
                 offset = echo_len.get((p, o.index), 0) + len(o.text) - len(delta)
-                if (p, o.index) not in echo_len:
+                logprobs, choice = self._logprobs(token_ids, entries, offset), {}
+                if (p, o.index) not in echo_len:  # the first chunk of a choice: the echo and the prompt's logprobs
                     prefix = self._prefix(out)
                     echo_len[(p, o.index)] = len(prefix)
-                    delta, offset = prefix + delta, offset + len(prefix)
-                yield self._body([{"index": p * self.n + o.index, "text": delta,
-                                   "logprobs": self._logprobs(token_ids, entries, offset),
-                                   "finish_reason": o.finish_reason}], **extra)
+                    delta = prefix + delta
+                    logprobs = self._with_prompt(out, self._logprobs(token_ids, entries, offset + len(prefix)))
+                    if self.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
+                yield self._body([{"index": p * self.n + o.index, "text": delta, "logprobs": logprobs,
+                                   "finish_reason": o.finish_reason, **choice}], **extra)
         if include_usage:
             prompt_tokens = sum(len(out.prompt_token_ids) for out in last.values())
             completion = sum(len(o.token_ids) for out in last.values() for o in out.outputs)
