@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from engine import RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine
-from server.constraints import OutputPlan, check_compiles
+from server.constraints import OutputPlan, after_reasoning, check_compiles
 from server.errors import APIError, ClientDisconnected, error_response
 from server.state import state_of
 from text.reasoning import Reasoning, reasoning_for
@@ -38,6 +38,7 @@ def render(request: Request, engine: AsyncEngine, messages: list[dict], plan: Ou
     text = tok.apply_chat_template(messages, tools=plan.tools, add_generation_prompt=add_generation_prompt,
                                    **(template_kwargs or {}))
     plan.reasoning = reasoning_for(state_of(request).settings.reasoning_parser, tok.chat_template, text)
+    plan.constraint = after_reasoning(plan.constraint, plan.reasoning)  # the reasoning itself stays free
     return Prompt(text, tok.encode(text, add_special_tokens=False))
 
 
