@@ -125,6 +125,8 @@ class SentenceEncoder:
         self._counter = Tokenizer.from_str(self.tokenizer.to_str())  # counts whole texts: no truncation
         self._counter.no_truncation()
         self.tokenizer.enable_truncation(self.max_tokens)
+        empty = self.tokenizer.encode("").ids  # the post-processor's own tokens: [CLS] [SEP] for BERT
+        self._specials = (empty[:1], empty[1:])
         self.model = BertEncoder(self.config).eval()
         self.model.load_hf_weights(load_file(self.path / "model.safetensors"))
         self.batch_size = batch_size
@@ -133,28 +135,38 @@ class SentenceEncoder:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model would read, [CLS] and [SEP] included, before truncation."""
-        return len(self._counter.encode(text, add_special_tokens=False).ids) + 2
+        return len(self.token_ids(text)) + 2
+
+    def token_ids(self, text: str) -> list[int]:
+        """The text's token ids, without special tokens and without truncation."""
+        return self._counter.encode(text, add_special_tokens=False).ids
 
     def encode(self, texts: list[str], progress: bool = False) -> torch.Tensor:
         return self.embed(texts, progress)[0]
 
-    @torch.inference_mode()
+    def with_specials(self, token_ids: list[int]) -> list[int]:
+        """A text's token ids (no special tokens) as the model reads them, truncated to max_tokens."""
+        first, last = self._specials
+        return first + list(token_ids)[:self.max_tokens - len(first) - len(last)] + last
+
     def embed(self, texts: list[str], progress: bool = False) -> tuple[torch.Tensor, list[int]]:
         """(vectors, the tokens each text took after truncation, [CLS] and [SEP] included)."""
+        return self.embed_ids([e.ids for e in self.tokenizer.encode_batch(texts)], progress)
+
+    @torch.inference_mode()
+    def embed_ids(self, encoded: list[list[int]], progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """embed() for texts already tokenized, special tokens included (with_specials)."""
         from tqdm import tqdm
         # sorted by length so each batch pads little; the output keeps the input order
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), self.dimension)
-        tokens = [0] * len(texts)
-        for start in tqdm(range(0, len(texts), self.batch_size), disable=not progress, desc="embedding",
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out = torch.empty(len(encoded), self.dimension)
+        tokens = [len(e) for e in encoded]
+        for start in tqdm(range(0, len(encoded), self.batch_size), disable=not progress, desc="embedding",
                           unit="batch"):
             chunk = order[start:start + self.batch_size]
-            encoded = self.tokenizer.encode_batch([texts[i] for i in chunk])
-            for i, e in zip(chunk, encoded):
-                tokens[i] = len(e.ids)
-            width = max(len(e.ids) for e in encoded)
-            ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encoded])
-            mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encoded])
+            width = max(tokens[i] for i in chunk)
+            ids = torch.tensor([encoded[i] + [0] * (width - tokens[i]) for i in chunk])
+            mask = torch.tensor([[1] * tokens[i] + [0] * (width - tokens[i]) for i in chunk])
             hidden = self.model(ids, mask)
             if self.pooling == "cls":
                 vectors = hidden[:, 0]

@@ -323,11 +323,14 @@ class CompletionResponse(BaseModel):
 
 
 class EmbeddingRequest(_Request):
+    # token ids are the embedding model's own (see /tokenize of a server that serves it)
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+    # vLLM's extra: an input over the model's limit is a 400 unless this asks to cut it (to k tokens, -1: the limit)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
 
 
 class Embedding(BaseModel):

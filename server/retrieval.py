@@ -33,29 +33,29 @@ class Retrieval:
             logger.info("rag index %s: %d chunks from %d files", rag_index, len(index), len(index.files))
         return cls(encoder, index)
 
-    def _embed(self, texts: list[str]):
+    def _embed(self, inputs: list[list[int]]):
         with self.lock:
-            return self.encoder.embed(texts)
+            return self.encoder.embed_ids(inputs)
 
     async def embeddings(self, req: EmbeddingRequest) -> dict:
         if req.model is not None and req.model != self.encoder.name:
             raise APIError(404, f"the embedding model {req.model!r} does not exist; this server embeds with "
                                 f"{self.encoder.name!r}", param="model", code="model_not_found")
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        if not texts:
+        inputs = [req.input] if isinstance(req.input, str) or (req.input and isinstance(req.input[0], int)) \
+            else req.input
+        if not inputs:
             raise APIError(400, "input must not be empty", param="input", code="invalid_value")
-        if not all(isinstance(t, str) for t in texts):
-            raise APIError(400, "token-id input is not supported: send the text", param="input",
+        if len(inputs) > MAX_INPUTS:
+            raise APIError(400, f"at most {MAX_INPUTS} inputs per request, got {len(inputs)}", param="input",
                            code="invalid_value")
-        if len(texts) > MAX_INPUTS:
-            raise APIError(400, f"at most {MAX_INPUTS} inputs per request, got {len(texts)}", param="input",
+        if any(not t for t in inputs):
+            raise APIError(400, "input cannot contain an empty string or an empty list", param="input",
                            code="invalid_value")
-        if any(not t for t in texts):
-            raise APIError(400, "input cannot contain an empty string", param="input", code="invalid_value")
         if req.dimensions is not None and req.dimensions != self.encoder.dimension:
             raise APIError(400, f"{self.encoder.name} gives {self.encoder.dimension} dimensions; dimensions="
                                 f"{req.dimensions} is not supported", param="dimensions", code="invalid_value")
-        vectors, counts = await asyncio.to_thread(self._embed, texts)
+        encoded = await asyncio.to_thread(self._tokenize, inputs, req.truncate_prompt_tokens)
+        vectors, counts = await asyncio.to_thread(self._embed, encoded)
         vectors, tokens = vectors.numpy(), sum(counts)
         base64_out = req.encoding_format == "base64"
         data = [{"object": "embedding", "index": i,
@@ -63,6 +63,27 @@ class Retrieval:
                  else v.tolist()} for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": self.encoder.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def _tokenize(self, inputs: list[str | list[int]], truncate: int | None) -> list[list[int]]:
+        """Each input as the model reads it; over the model's limit a 400, unless `truncate` asks to cut it."""
+        enc, vocab = self.encoder, self.encoder.tokenizer.get_vocab_size()
+        limit = enc.max_tokens if truncate in (None, -1) else min(truncate, enc.max_tokens)
+        result = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                ids = enc.token_ids(item)
+            else:
+                if any(not 0 <= t < vocab for t in item):
+                    raise APIError(400, f"input[{i}]: token ids must be in [0, {vocab}) ({enc.name}'s vocabulary)",
+                                   param="input", code="invalid_value")
+                ids = list(item)
+            specials = len(enc.with_specials([]))
+            if len(ids) + specials > limit and truncate is None:
+                raise APIError(400, f"input[{i}] has {len(ids) + specials} tokens; {enc.name} reads at most "
+                                    f"{enc.max_tokens} (set truncate_prompt_tokens to cut longer inputs)",
+                               param="input", code="context_length_exceeded")
+            result.append(enc.with_specials(ids[:max(limit - specials, 0)]))
+        return result
 
     async def ground(self, messages: list[dict], rag) -> tuple[list[dict], list[Hit]]:
         """(messages with the sources put in, the hits) for a chat request's `rag` options."""

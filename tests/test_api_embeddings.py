@@ -44,7 +44,10 @@ def test_base64_is_the_float32_bytes(server, reference):
 @pytest.mark.parametrize("body,status,param,words", [
     ({"input": ""}, 400, "input", "empty string"),
     ({"input": []}, 400, "input", "must not be empty"),
-    ({"input": [1, 2, 3]}, 400, "input", "token-id input"),
+    ({"input": [1, 2, 10**9]}, 400, "input", "token ids must be in"),
+    ({"input": [[1, 2], []]}, 400, "input", "empty list"),
+    ({"input": "word " * 600}, 400, "input", "reads at most 256"),
+    ({"input": "hi", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens", ""),
     ({"input": "hi", "model": "text-embedding-3-small"}, 404, "model", "does not exist"),
     ({"input": "hi", "dimensions": 256}, 400, "dimensions", "384 dimensions"),
     ({"input": "hi", "encoding_format": "int8"}, 400, "encoding_format", ""),
@@ -55,6 +58,23 @@ def test_bad_input_is_an_openai_error(server, body, status, param, words):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert words in error["message"] and error["param"] == param, error
+
+
+def test_token_ids_embed_as_their_text_and_long_input_is_cut_only_when_asked(openai_client, server, reference):
+    from models.bert import SentenceEncoder, default_embedding_model
+    encoder = SentenceEncoder(default_embedding_model())
+    ids = [encoder.token_ids(t) for t in TEXTS]
+    got = openai_client.embeddings.create(model="all-MiniLM-L6-v2", input=ids)  # a list of token-id lists
+    assert _cosine([d.embedding for d in got.data], reference).min() > 0.999
+    one = openai_client.embeddings.create(model="all-MiniLM-L6-v2", input=ids[1])  # one list of ids
+    assert _cosine(one.data[0].embedding, reference[1]) > 0.999
+    long = "word " * 600
+    cut = httpx.post(f"{server.base_url}/v1/embeddings", headers=server.headers, timeout=60,
+                     json={"input": long, "truncate_prompt_tokens": -1}).json()
+    assert cut["usage"]["prompt_tokens"] == 256  # all-MiniLM-L6-v2's max_seq_length, as sentence-transformers cuts
+    short = httpx.post(f"{server.base_url}/v1/embeddings", headers=server.headers, timeout=60,
+                       json={"input": long, "truncate_prompt_tokens": 10}).json()
+    assert short["usage"]["prompt_tokens"] == 10
 
 
 def test_needs_the_api_key(server):
