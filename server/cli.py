@@ -62,7 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
                               max_queue=args.max_queue,
                               embedding_model=None if args.embedding_model == "none" else args.embedding_model,
                               rag_index=args.rag_index, reasoning_parser=args.reasoning_parser,
-                              allowed_origins=args.allowed_origins or [])
+                              allowed_origins=args.allowed_origins or [],
+                              max_stored_responses=args.max_stored_responses)
     from models.reward import is_reward_model
     if is_reward_model(args.model):  # a reward model answers /score, not generation (server/score.py)
         from server.score import create_score_app
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--reasoning-parser", default="auto", choices=SETTINGS,
                        help="split a thinking model's reasoning (<think>...</think>) off its answer, into "
                             "reasoning_content / reasoning: auto = when the chat template uses the tag; none = never")
+    serve.add_argument("--max-stored-responses", type=int, default=1000,
+                       help="/v1/responses kept in memory for GET and previous_response_id (oldest evicted first)")
     serve.add_argument("--allowed-origins", nargs="*", default=None,
                        help="origins whose web pages may call the API (CORS), e.g. http://localhost:3000, or '*'")
 
