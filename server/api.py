@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server import chat, embeddings, responses, tokenization, web
+from server import chat, embeddings, messages, responses, tokenization, web
 from server.async_engine import AsyncEngine
 from server.errors import BodySizeLimit, install_error_handlers
 from server.metrics import Metrics
@@ -70,7 +70,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             cards.append(ModelCard(id=state.retrieval.encoder.name, max_model_len=state.retrieval.encoder.max_tokens))
         return ModelList(data=cards)
 
-    for module in (chat, responses, embeddings, tokenization, web):
+    for module in (chat, responses, messages, embeddings, tokenization, web):
         app.include_router(module.router)
     return app
 

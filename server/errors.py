@@ -1,4 +1,5 @@
-"""Every error becomes OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}; never a stack trace."""
+"""Every error becomes OpenAI's error JSON: {"error": {"message", "type", "param", "code"}} (Anthropic's on the Messages
+API's paths); never a stack trace."""
 import logging
 import re
 import secrets
@@ -34,6 +35,29 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# Anthropic's Messages API (server/messages.py) answers in Anthropic's shape, which its SDK and Claude Code read:
+# {"type": "error", "error": {"type", "message"}}, with the same HTTP statuses; the handlers pick it by the path
+ANTHROPIC_PATH = "/v1/messages"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _error_for(path: str, status: int, message: str, param: str | None = None, code: str | int | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error JSON, or Anthropic's for the Messages API (which has no `param`: the message names it)."""
+    if not path.startswith(ANTHROPIC_PATH):
+        return error_response(status, message, param, code, headers)
+    if param and param.split(".")[0] not in message:
+        message = f"{param}: {message}"
+    return JSONResponse(anthropic_error_body(status, message), status_code=status, headers=headers)
+
+
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\]|function-.*|[A-Z]\w*)$")
 
 
@@ -60,20 +84,20 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, exc.message, exc.param, exc.code, headers)
+        return _error_for(request.url.path, exc.status, exc.message, exc.param, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        return error_response(400, message, param, "invalid_value")
+        return _error_for(request.url.path, 400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return _error_for(request.url.path, exc.status_code, str(exc.detail))
 
     @app.exception_handler(ValueError)
     async def _value(request: Request, exc: ValueError):
-        return error_response(400, str(exc), code="invalid_value")
+        return _error_for(request.url.path, 400, str(exc), code="invalid_value")
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected):
@@ -81,12 +105,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestFailed)
     async def _failed(request: Request, exc: RequestFailed):
-        return error_response(500, str(exc), code="request_failed")
+        return _error_for(request.url.path, 500, str(exc), code="request_failed")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error serving %s", request.url.path)
-        return error_response(500, "internal server error", code="internal_error")
+        return _error_for(request.url.path, 500, "internal server error", code="internal_error")
 
 
 class BodySizeLimit:
@@ -126,7 +150,8 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope, receive, send):
-        response = error_response(413, f"request body exceeds {self.max_bytes} bytes", code="body_too_large")
+        response = _error_for(scope.get("path", ""), 413, f"request body exceeds {self.max_bytes} bytes",
+                              code="body_too_large")
         await response(scope, receive, send)
 
 
