@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from engine import CompletionOutput, SamplingParams
 from engine.sampling_params import StructuredOutputsParams
 from server.async_engine import AsyncEngine
-from server.constraints import OutputPlan, plan_tools
+from server.constraints import OutputPlan, after_reasoning, plan_tools
 from server.errors import APIError, check_api_key
 from server.messages_protocol import (CountTokensRequest, DocumentBlock, ErrorResponse, ImageBlock, Message,
                                       MessagesRequest, RedactedThinkingBlock, TextBlock, ThinkingBlock, TokenCount,
@@ -81,12 +81,15 @@ def _prompt(request: Request, engine: AsyncEngine, req: CountTokensRequest) -> t
                       choice_param="tool_choice.name")
     # Qwen3's template reads enable_thinking; it is passed only when the request says
     kwargs = None if req.thinking is None else {"enable_thinking": req.thinking.type != "disabled"}
+    unwrapped = plan.constraint
     prompt = render(request, engine, messages, plan, kwargs)
     if not prefill:
         return plan, prompt
     tok = engine.engine.tokenizer
     text = prompt.text + prefill
+    # as render does, for the prompt the model continues (a prefill may open the reasoning)
     plan.reasoning = reasoning_for(state_of(request).settings.reasoning_parser, tok.chat_template, text)
+    plan.constraint = after_reasoning(unwrapped, plan.reasoning)
     return plan, Prompt(text, tok.encode(text, add_special_tokens=False))
 
 

@@ -11,6 +11,7 @@ import pytest
 from engine import CompletionOutput
 from server.constraints import OutputPlan
 from server.messages import _Reply
+from tests.test_reasoning import ANSWERS, thinking_server  # noqa: F401 (the fixture: a tiny thinking model served)
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def _create(client, messages, **kw):
 
 
 def _count(client, messages, **kw) -> int:
-    return client.messages.count_tokens(model=MODEL, messages=messages, **kw).input_tokens
+    return client.messages.count_tokens(messages=messages, **{"model": MODEL, **kw}).input_tokens
 
 
 def _shape(message) -> dict:
@@ -190,6 +191,28 @@ def test_max_tokens_beyond_the_context_is_what_the_context_leaves(client):
     ran_out = CompletionOutput(0, "word word", [1, 2], finish_reason="length")
     for clamped, reason in ((True, "model_context_window_exceeded"), (False, "max_tokens")):
         assert _Reply("msg_1", MODEL, OutputPlan(), 2046, clamped).message(ran_out)["stop_reason"] == reason
+
+
+def test_reasoning_is_a_thinking_block_streamed_as_not(thinking_server):
+    client = anthropic.Anthropic(base_url=thinking_server.base_url, api_key=thinking_server.api_key, max_retries=0,
+                                 timeout=60)
+    thought, answer = ANSWERS["Hi"]
+    hi = [{"role": "user", "content": "Hi"}]
+    full = client.messages.create(model="thinker", messages=hi, max_tokens=60, **GREEDY)
+    assert [(b.type, getattr(b, "thinking", None) or b.text) for b in full.content] == [("thinking", thought),
+                                                                                         ("text", answer)]
+    assert full.content[0].signature == "" and full.stop_reason == "end_turn"
+    with client.messages.stream(model="thinker", messages=hi, max_tokens=60, **GREEDY) as stream:
+        thinking = "".join(e.thinking for e in stream if e.type == "thinking")
+        streamed = stream.get_final_message()
+    assert thinking == thought and _shape(streamed) == _shape(full)
+    # the earlier reasoning sent back is not part of the prompt; thinking disabled gives none
+    again = [*hi, {"role": "assistant", "content": [{"type": "thinking", "thinking": thought, "signature": ""},
+                                                    {"type": "text", "text": answer}]}, *hi]
+    assert _count(client, again, model="thinker") == _count(client, [*hi, {"role": "assistant", "content": answer},
+                                                                     *hi], model="thinker")
+    off = client.messages.create(model="thinker", messages=hi, max_tokens=8, thinking={"type": "disabled"}, **GREEDY)
+    assert [b.type for b in off.content] in ([], ["text"])
 
 
 def _assert_anthropic_error(response: httpx.Response, status: int, kind: str | None = None) -> dict:
