@@ -23,6 +23,12 @@ class OutputPlan:
     reasoning: Reasoning | None = None  # set when the prompt is rendered (server/pipeline.py)
 
 
+@dataclass(frozen=True)
+class Named:
+    """A tool_choice naming one function (kept apart from the modes, which a function may share a name with)."""
+    name: str
+
+
 def _bad(message: str, param: str) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
@@ -35,17 +41,18 @@ def plan_chat(req: ChatCompletionRequest) -> OutputPlan:
             raise _bad("only assistant messages can hold tool_calls", f"messages[{i}].tool_calls")
     constraint, param = format_constraint(req.response_format, req.structured_outputs)
     choice = req.tool_choice
-    named = choice.function.name if choice is not None and not isinstance(choice, str) else None
+    if choice is not None and not isinstance(choice, str):
+        choice = Named(choice.function.name)
     tools = [tool.model_dump(exclude_none=True) for tool in req.tools or []]
-    return plan_tools(tools, named or choice, req.parallel_tool_calls, constraint, param)
+    return plan_tools(tools, choice, req.parallel_tool_calls, constraint, param)
 
 
-def plan_tools(tools: list[dict[str, Any]], choice: str | None, parallel: bool,
+def plan_tools(tools: list[dict[str, Any]], choice: "str | Named | None", parallel: bool,
                constraint: StructuredOutputsParams | None, param: str | None,
                field: str = "function.parameters", choice_param: str = "tool_choice.function.name") -> OutputPlan:
     """The plan for OpenAI-shaped function tools ({"type": "function", "function": {name, parameters}}) and a
-    choice: None or "auto" (the model may call), "none" (tools hidden), "required" (at least one call), or a
-    function's name (exactly that call). `field` and `choice_param` name the request's own fields in errors."""
+    choice: None or "auto" (the model may call), "none" (tools hidden), "required" (at least one call), or
+    Named(function) (exactly that call). `field` and `choice_param` name the request's own fields in errors."""
     if not tools:
         if choice not in (None, "none"):
             raise _bad("tool_choice is only allowed when tools are given", "tool_choice")
@@ -65,7 +72,7 @@ def plan_tools(tools: list[dict[str, Any]], choice: str | None, parallel: bool,
         return OutputPlan(constraint=constraint, param=param)
     if choice == "auto":
         return OutputPlan(tools, True, constraint, param)
-    named = None if choice == "required" else choice
+    named = choice.name if isinstance(choice, Named) else None
     if named is not None and named not in names:
         raise _bad(f"tool_choice names the function {named!r}, which is not among the tools "
                    f"({', '.join(names)})", choice_param)

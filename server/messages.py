@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from engine import CompletionOutput, SamplingParams
 from engine.sampling_params import StructuredOutputsParams
 from server.async_engine import AsyncEngine
-from server.constraints import OutputPlan, after_reasoning, plan_tools
+from server.constraints import Named, OutputPlan, after_reasoning, plan_tools
 from server.errors import APIError, check_api_key
 from server.messages_protocol import (CountTokensRequest, DocumentBlock, ErrorResponse, ImageBlock, Message,
                                       MessagesRequest, RedactedThinkingBlock, TextBlock, ThinkingBlock, TokenCount,
@@ -56,8 +56,12 @@ async def create_message(req: MessagesRequest, request: Request, engine: AsyncEn
     outputs = await generate(request, engine, message_id, [(prompt, params)], plan)
     reply = _Reply(message_id, state_of(request).settings.served_model_name, plan, len(prompt.token_ids), clamped)
     if req.stream:
-        return sse(reply.events(outputs), done_marker=False)
+        return sse(reply.events(outputs), _stream_error)
     return reply.message((await final_outputs(request, outputs))[0].outputs[0])
+
+
+def _stream_error(message: str) -> tuple[str, dict]:
+    return "error", {"type": "error", "error": {"type": "api_error", "message": message}}
 
 
 @router.post("/v1/messages/count_tokens", response_model=TokenCount)
@@ -101,14 +105,14 @@ def _function(tool: ToolDefinition) -> dict[str, Any]:
     return {"type": "function", "function": function | {"parameters": tool.input_schema}}
 
 
-def _tool_choice(choice: ToolChoice | None) -> str | None:
-    """Anthropic's tool_choice as plan_tools takes it: None (auto), "none", "required" or a tool's name."""
+def _tool_choice(choice: ToolChoice | None) -> str | Named | None:
+    """Anthropic's tool_choice as plan_tools takes it: None (auto), "none", "required" or Named(tool)."""
     if choice is None or choice.type == "auto":
         return None
     if choice.type == "tool":
         if not choice.name:
             raise _bad("tool_choice.name is required when tool_choice.type is 'tool'", "tool_choice.name")
-        return choice.name
+        return Named(choice.name)
     return "required" if choice.type == "any" else "none"
 
 

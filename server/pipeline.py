@@ -5,7 +5,7 @@ outputs into its own response or events."""
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -153,10 +153,13 @@ async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
         yield item
 
 
-def sse(events: AsyncIterator[dict | str], done_marker: bool = True) -> StreamingResponse:
-    """OpenAI's server-sent events: `data: {json}` lines, then `data: [DONE]`. Events given as (name, body)
-    pairs are sent with an `event:` line (the Responses and Anthropic streams), without the marker."""
+def sse(events: AsyncIterator[dict | str | tuple[str, dict]],
+        error_event: Callable[[str], tuple[str, dict]] | None = None) -> StreamingResponse:
+    """Server-sent events. OpenAI's chat and completions: `data: {json}` lines, then `data: [DONE]`. Events given as
+    (name, body) pairs (the Responses and Anthropic streams) go with an `event:` line and no marker; a failure after
+    the headers are sent is then `error_event(message)`, in that API's own shape."""
     async def body():
+        named = error_event is not None
         try:
             async for event in events:
                 if isinstance(event, tuple):
@@ -167,10 +170,12 @@ def sse(events: AsyncIterator[dict | str], done_marker: bool = True) -> Streamin
                 yield f"data: {data}\n\n"
         except Exception as e:  # after the headers are sent, an error can only travel as an event
             logger.warning("stream failed: %s", e)
-            error = json.loads(error_response(500, str(e)).body)
-            yield (f"data: {json.dumps(error)}\n\n" if done_marker else
-                   f"event: error\ndata: {json.dumps({'type': 'error', **error})}\n\n")
-        if done_marker:
+            if named:
+                name, data = error_event(str(e))
+                yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
+            else:
+                yield f"data: {json.dumps(json.loads(error_response(500, str(e)).body))}\n\n"
+        if not named:
             yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -204,7 +204,11 @@ async def create_response(req: ResponsesRequest, request: Request, engine: Async
         kind = "response.completed" if done["status"] == "completed" else "response.incomplete"
         yield kind, {"type": kind, "sequence_number": next(sequence), "response": done}
 
-    return sse(events(), done_marker=False)
+    return sse(events(), _stream_error)
+
+
+def _stream_error(message: str) -> tuple[str, dict]:
+    return "error", {"type": "error", "code": "server_error", "message": message, "param": None}
 
 
 @router.get("/v1/responses/{response_id}")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from engine.sampling_params import StructuredOutputsParams
+from server.constraints import Named
 from server.errors import APIError, _param_path
 from server.protocol import _NAME, _Request
 
@@ -150,11 +151,11 @@ class ResponsesRequest(_Request):
             tools.append(_validated(FunctionTool, raw, f"tools[{i}]"))
         return tools
 
-    def choice(self) -> str | None:
+    def choice(self) -> str | Named | None:
         """tool_choice as plan_tools takes it; a hosted tool's choice means "auto" (its tool was dropped)."""
         choice = self.tool_choice
         if isinstance(choice, FunctionChoice):
-            return choice.name
+            return Named(choice.name)
         if isinstance(choice, dict):
             logger.warning("ignoring tool_choice of type %r: tokenmill runs function tools only", choice.get("type"))
             return "auto" if self.tools else None
