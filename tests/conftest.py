@@ -331,6 +331,15 @@ def server(rag_index):
 
 
 @pytest.fixture(scope="session")
+def thinking_server(tmp_path_factory):
+    """tests/thinking_model.py's tiny thinking model, served (reasoning in chat, Responses and Messages)."""
+    from tests.thinking_model import serve_thinking_model
+    running = serve_thinking_model(tmp_path_factory.mktemp("tiny-thinker"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
 def openai_client(server):
     import openai
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.api_key, max_retries=0, timeout=120)

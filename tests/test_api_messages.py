@@ -11,7 +11,7 @@ import pytest
 from engine import CompletionOutput
 from server.constraints import OutputPlan
 from server.messages import _Reply
-from tests.test_reasoning import ANSWERS, thinking_server  # noqa: F401 (the fixture: a tiny thinking model served)
+from tests.thinking_model import ANSWERS
 
 pytestmark = pytest.mark.slow
 

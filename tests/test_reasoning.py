@@ -1,24 +1,17 @@
 """A thinking model's reasoning, split off its answer in every API: a tiny Qwen3-shaped checkpoint with a thinking
-chat template, trained here in a second to answer its two prompts with `<think>…</think>` first. Streamed and
+chat template, trained in a second (tests/thinking_model.py) to answer its two prompts with `<think>…</think>` first. Streamed and
 non-streamed answers are the same, a json_schema applies after `</think>` (the reasoning stays free), and
 enable_thinking=false gives no reasoning."""
 import json
 
-import httpx
 import jsonschema
 import openai
 import pytest
-import torch
 
-from tests.conftest import RunningServer, _hf_config, _train_tokenizer
+from tests.conftest import RunningServer
+from tests.thinking_model import ANSWERS, TEMPLATE
 from text.reasoning import Reasoning, StreamingReasoning, reasoning_for, split
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n"
-            "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
-            "{% endif %}")
-ANSWERS = {"Hi": ("\nThe user says hi.\n", "Hello there!"),
-           "Give JSON": ("\nA person, as JSON.\n", '{"name": "Al", "age": 3}')}
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
 
@@ -40,38 +33,6 @@ def test_split_and_stream_agree_on_every_cut():
     assert reasoning_for("auto", "{{ messages }}", "x") is None and reasoning_for("none", TEMPLATE, "") is None
     with pytest.raises(ValueError, match="reasoning parser"):
         reasoning_for("klingon", TEMPLATE, "")
-
-
-@pytest.fixture(scope="module")
-def thinking_server(tmp_path_factory):
-    import transformers
-    directory = tmp_path_factory.mktemp("tiny-thinker")
-    _train_tokenizer(directory)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
-    tok = transformers.AutoTokenizer.from_pretrained(directory)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_hf_config("qwen3"))
-    batch = []
-    for question, (thought, answer) in ANSWERS.items():
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-        ids = tok(prompt + f"<think>{thought}</think>\n\n{answer}", add_special_tokens=False)["input_ids"]
-        batch.append((len(tok(prompt, add_special_tokens=False)["input_ids"]), ids + [tok.eos_token_id]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):  # memorise both answers: the greedy continuation of each prompt
-        loss = 0
-        for start, ids in batch:
-            logits = model(torch.tensor([ids])).logits[0, :-1]
-            loss = loss + torch.nn.functional.cross_entropy(logits[start - 1:], torch.tensor(ids[start:]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(directory)
-    running = RunningServer(str(directory), "--served-model-name", "thinker", "--dtype", "float32",
-                            "--enforce-eager", "--embedding-model", "none", "--max-model-len", "256")
-    yield running
-    running.stop()
 
 
 def _client(server: RunningServer) -> openai.OpenAI:
