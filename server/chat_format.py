@@ -182,6 +182,14 @@ class CompletionFormatter(_Formatter):
         self.n, self.num_prompts, self.echo, self.want_logprobs = n, num_prompts, echo, logprobs is not None
         self.prompt_logprobs = prompt_logprobs
 
+    def _top_by_text(self, entry: dict[int, float]) -> dict[str, float]:
+        """The legacy format keys alternatives by text: of two tokens that read the same (say, partial UTF-8 bytes),
+        the likelier one's logprob is kept."""
+        top: dict[str, float] = {}
+        for token_id, logprob in self._top(entry):
+            top.setdefault(self._token(token_id), logprob)
+        return top
+
     def _echoed_logprobs(self, out: RequestOutput) -> dict:
         """The prompt's part of `logprobs` with echo, as OpenAI's legacy completions: the first token has none."""
         entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
@@ -190,7 +198,7 @@ class CompletionFormatter(_Formatter):
             text = self._token(token_id)
             tokens.append(text)
             token_logprobs.append(None if entry is None else entry[token_id])
-            top.append(None if entry is None else {self._token(i): lp for i, lp in self._top(entry)})
+            top.append(None if entry is None else self._top_by_text(entry))
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -210,7 +218,7 @@ class CompletionFormatter(_Formatter):
             text = self._token(token_id)
             tokens.append(text)
             token_logprobs.append(entry[token_id])
-            top.append({self._token(i): lp for i, lp in self._top(entry)})
+            top.append(self._top_by_text(entry))
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
