@@ -20,6 +20,7 @@ RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md ./
 COPY engine/ engine/
 COPY models/ models/
+COPY text/ text/
 COPY kernels/ kernels/
 COPY server/ server/
 COPY rag/ rag/
