@@ -125,6 +125,24 @@ class BlockManager:
         if len(seq.block_table) < self.blocks_needed(seq.num_tokens):
             seq.block_table.append(self._take_free_block())
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` tokens (speculative proposals); False, changing nothing, when too few are free."""
+        more = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if more > len(self.free_pool):
+            return False
+        for _ in range(more):
+            seq.block_table.append(self._take_free_block())
+        return True
+
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's tokens (those of rejected proposals)."""
+        while len(seq.block_table) > self.blocks_needed(seq.num_tokens):
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] == 0, "a proposal's block is shared"
+            self.free_pool[block] = None
+            self.free_pool.move_to_end(block, last=False)  # it holds nothing worth keeping
+
     def free(self, seq: Sequence) -> None:
         # last blocks first, so that a prefix's first blocks are evicted last
         for block in reversed(seq.block_table):

@@ -35,6 +35,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"          # "auto": float16 for GGUF blocks on the CPU kernels, else the model's;
                                           # or "float32" / "float16" (engine/model_runner.py: kv_cache_dtype)
     load_format: str = "auto"             # "dummy": random weights of the checkpoint's shapes (benchmarks)
+    speculative_config: dict | None = None  # vLLM's keys: engine/speculative.py
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size"):

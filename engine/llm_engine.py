@@ -15,6 +15,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.speculative import SpeculativeConfig, Speculator
 from engine.structured_output import Grammars
 from kernels import for_dtype, get_backend
 from engine.path_choice import PATHS, choose_path
@@ -86,6 +87,10 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids, self.grammars)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = count()
+        self.speculator = None
+        if config.speculative_config is not None:
+            spec = SpeculativeConfig.from_dict(config.speculative_config)
+            self.speculator = Speculator(self, spec, self._draft(spec))
         torch.manual_seed(config.seed)
         for layer in moe_layers(loaded.model):
             layer.expert_load.zero_()  # forget the warm-up and compile steps
@@ -224,6 +229,8 @@ class LLMEngine:
         if not seqs:
             return []
         touched: dict[str, _Request] = {}
+        if not is_prefill and self.speculator is not None and self.speculator.step(seqs, touched):
+            return self._outputs(touched)
         for seq, token, logprobs in self._run_batch(seqs, is_prefill, touched):
             request = self.requests[seq.request_id]
             if request.error is not None:
@@ -233,11 +240,20 @@ class LLMEngine:
                 self._advance(request, seq, token, logprobs)
             except Exception as e:
                 self._fail(request, e, touched)
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
         outputs = [self._output(r) for r in touched.values()]
         for out in outputs:
             if out.finished:
                 del self.requests[out.request_id]
         return outputs
+
+    def _draft(self, spec: SpeculativeConfig):
+        if spec.method != "draft_model":
+            return None
+        from engine.draft_model import DraftModel
+        return DraftModel(spec.model, self)
 
     def _run_batch(self, seqs: list[Sequence], is_prefill: bool, touched: dict[str, "_Request"]) -> list[tuple]:
         """(seq, token, logprobs) for each sequence. When the batch fails, each sequence is retried alone so that

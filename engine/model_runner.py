@@ -92,6 +92,13 @@ class ModelRunner:
         return self._tensor([seq.last_token_id for seq in seqs]), self._tensor(positions), meta, None
 
     @torch.inference_mode()
+    def verify(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [sum of num_scheduled_tokens, vocab] at every position the step computes: a decode step with
+        speculative proposals, run through the prefill path (its rows equal the decode step's)."""
+        input_ids, positions, meta, _ = self._prepare_prefill(seqs)
+        return self.model.compute_logits(self.model(input_ids, positions, meta))
+
+    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Next-token logits [len(seqs), vocab], float32. A prefill also leaves in `prompt_logits` the logits of
         every position it computed for the sequences that want prompt logprobs (seq_id -> [tokens, vocab])."""
