@@ -177,6 +177,7 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+        self._forget(request)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -246,8 +247,13 @@ class LLMEngine:
         outputs = [self._output(r) for r in touched.values()]
         for out in outputs:
             if out.finished:
-                del self.requests[out.request_id]
+                self._forget(self.requests.pop(out.request_id))
         return outputs
+
+    def _forget(self, request: _Request) -> None:
+        if self.speculator is not None:
+            for seq in request.seqs:
+                self.speculator.forget(seq)
 
     def _draft(self, spec: SpeculativeConfig):
         if spec.method != "draft_model":

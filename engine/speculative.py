@@ -119,6 +119,12 @@ class Speculator:
         self.policy = SpecPolicy(config)
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
 
+    def forget(self, seq: Sequence) -> None:
+        """The sequence is done (finished or aborted): drop its record and its draft cache."""
+        self.policy.forget(seq)
+        if self.draft is not None:
+            self.draft.forget(seq)
+
     def _proposals(self, seqs: list[Sequence]) -> dict[int, list[int]]:
         cfg, bm, found = self.config, self.engine.block_manager, {}
         if len(seqs) > cfg.max_batch:
@@ -186,7 +192,6 @@ class Speculator:
                 self.num_accepted_tokens += accepted[seq.seq_id]
                 self.policy.record(seq, len(draft), accepted[seq.seq_id])
             if seq.is_finished:
-                self.policy.forget(seq)
                 continue
             # K/V now hold the last token and the accepted proposals; the rejected ones' slots go back
             seq.num_scheduled_tokens = 1 + accepted[seq.seq_id]

@@ -139,3 +139,27 @@ def test_sampling_keeps_the_target_distribution(tiny_checkpoint, monkeypatch):
                                                                    if small else [])
     expected = [e * samples / sum(expected) for e in expected]  # float32 probabilities sum to 1 within 1e-7
     assert chisquare(observed, expected).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("draft_arch,all_accepted", [("llama", True), ("qwen2", False)],
+                         ids=["draft-is-the-target", "other-draft"])
+def test_draft_model_greedy_outputs_equal_decoding_without_it(tiny_checkpoint, plain, draft_arch, all_accepted):
+    """A draft sharing the target's tokenizer: itself (every proposal accepted) or another tiny model (few)."""
+    spec = LLM(str(tiny_checkpoint("llama")), dtype="float32", num_kv_blocks=256, max_model_len=512,
+               speculative_config={"method": "draft_model", "model": str(tiny_checkpoint(draft_arch)),
+                                   "num_speculative_tokens": 4, "min_acceptance": 0.0})
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = plain.generate(_prompts(), params, use_tqdm=False)
+    got = spec.generate(_prompts(), params, use_tqdm=False)
+    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
+    s = spec.engine.speculator
+    assert s.num_drafts > 0 and (s.num_accepted_tokens == s.num_draft_tokens) == all_accepted
+    assert not s.draft.mirrors  # finished sequences' draft caches are freed
+    draft_blocks = s.draft.engine.block_manager
+    assert draft_blocks.num_free_blocks == draft_blocks.num_blocks
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="speculative_config.model: the draft's vocabulary"):
+        LLM(str(tiny_checkpoint("llama")), dtype="float32", num_kv_blocks=64, max_model_len=512,
+            speculative_config={"method": "draft_model", "model": "default", "num_speculative_tokens": 2})
