@@ -44,6 +44,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._preemptions_seen = 0
         self._prefix_seen = (0, 0)
+        self._spec_seen = (0, 0, 0)
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
 
     def start(self) -> None:
@@ -171,3 +172,10 @@ class AsyncEngine:
         m.prefix_cache_queries.inc(bm.prefix_queries - self._prefix_seen[0])
         m.prefix_cache_hits.inc(bm.prefix_hits - self._prefix_seen[1])
         self._prefix_seen = (bm.prefix_queries, bm.prefix_hits)
+        spec = self.engine.speculator
+        if spec is not None:
+            now = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
+            for counter, new, old in zip((m.spec_decode_num_drafts, m.spec_decode_num_draft_tokens,
+                                          m.spec_decode_num_accepted_tokens), now, self._spec_seen):
+                counter.inc(new - old)
+            self._spec_seen = now

@@ -1,5 +1,6 @@
 """`tokenmill serve | chat | generate | train`."""
 import argparse
+import json
 import logging
 import os
 import sys
@@ -37,9 +38,24 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "head. int4 and int8 are not batch-invariant: logits may change with the batch")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly: no compiled step on a CPU, no CUDA graphs on a GPU")
+    p.add_argument("--speculative-config", type=_json_object, default=None,
+                   help='speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 5, "prompt_lookup_min": 2} or {"method": "draft_model", "model": PATH, '
+                        '"num_speculative_tokens": 4}; greedy outputs stay the same, sampled ones keep their '
+                        "distribution (engine/speculative.py)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto = float16 for a GGUF file's blocks on the CPU kernels (as llama.cpp's cache), else the "
                         "model's dtype; float16 with a float32 model needs the cpu attention backend")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -48,7 +64,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
                         attention_backend=args.attention_backend,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-                        enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
+                        enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
+                        speculative_config=args.speculative_config)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -119,7 +136,8 @@ def _generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-              quantization=args.quantization, enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
+              quantization=args.quantization, enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
+              speculative_config=args.speculative_config)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:

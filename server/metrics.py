@@ -29,6 +29,9 @@ class Metrics:
         self.num_preemptions = counter("num_preemptions", "Sequences preempted (recomputed later)")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.spec_decode_num_drafts = counter("spec_decode_num_drafts", "Speculative proposals checked")
+        self.spec_decode_num_draft_tokens = counter("spec_decode_num_draft_tokens", "Tokens proposed")
+        self.spec_decode_num_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Proposed tokens accepted")
         self._request_success = Counter("tokenmill:request_success", "Requests finished, by finish reason",
                                         labels + ["finished_reason"], registry=reg)
         self._model_name = model_name

@@ -163,3 +163,36 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_checkpoint):
     with pytest.raises(ValueError, match="speculative_config.model: the draft's vocabulary"):
         LLM(str(tiny_checkpoint("llama")), dtype="float32", num_kv_blocks=64, max_model_len=512,
             speculative_config={"method": "draft_model", "model": "default", "num_speculative_tokens": 2})
+
+
+def test_server_speculates_and_counts_it_in_metrics(tiny_checkpoint, plain):
+    import httpx
+
+    from tests.conftest import RunningServer
+    server = RunningServer(str(tiny_checkpoint("llama")), "--served-model-name", "tiny", "--dtype", "float32",
+                           "--max-model-len", "512", "--kv-cache-memory", "16MiB", "--embedding-model", "none",
+                           "--enforce-eager", "--speculative-config", json.dumps(EAGER_NGRAM))
+    try:
+        prompt = _prompts()[0]
+        body = httpx.post(f"{server.base_url}/v1/completions", headers=server.headers, timeout=60, json={
+            "model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}).json()
+        want = plain.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0].text
+        assert body["choices"][0]["text"] == want
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        counts = {name: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  for name in ("num_drafts_total", "num_draft_tokens_total", "num_accepted_tokens_total")
+                  if line.startswith(f"tokenmill:spec_decode_{name}{{")}
+        assert counts["num_drafts_total"] > 0 and 0 < counts["num_accepted_tokens_total"] <= \
+            counts["num_draft_tokens_total"]
+    finally:
+        server.stop()
+
+
+def test_cli_refuses_a_bad_speculative_config(tiny_checkpoint):
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "server.cli", "generate", str(tiny_checkpoint("llama")),
+                          "--prompt", "hi", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, '
+                          '"lookahead": 1}'], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "speculative_config: unknown key(s) lookahead" in run.stderr
