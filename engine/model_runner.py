@@ -3,6 +3,7 @@
 Prefill steps run eagerly on tensors built for the step. Decode steps go through engine/decode_step.py's static
 step (compiled on CPU, CUDA graphs on GPU) when the backend's kernels allow it and enforce_eager is off."""
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,14 @@ def kv_cache_dtype(setting: str, dtype: torch.dtype, quantization: str | None, b
         raise ValueError(f"kv_cache_dtype={setting!r} with a {str(dtype).removeprefix('torch.')} model and the "
                          f"{backend.name!r} backend: only the 'cpu' backend keeps a float16 cache for float32 models")
     return chosen
+
+
+@dataclass
+class _Row:
+    """One position of a sequence, shaped as the decode step reads a sequence."""
+    block_table: list[int]
+    last_token_id: int
+    num_tokens: int
 
 
 class ModelRunner:
@@ -94,8 +103,14 @@ class ModelRunner:
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [sum of num_scheduled_tokens, vocab] at every position the step computes: a decode step with
-        speculative proposals, run through the prefill path (its rows equal the decode step's)."""
-        input_ids, positions, meta, _ = self._prepare_prefill(seqs)
+        speculative proposals. Each position is a row of an ordinary decode step (its token, position and cache
+        slot, the sequence's block table), so it computes exactly what decoding it alone would: every row's K/V is
+        stored before any row attends, and a row's context ends at its own position."""
+        rows = [_Row(seq.block_table, seq.all_token_ids[p], p + 1) for seq in seqs
+                for p in range(seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens)]
+        if self.decode_step is not None and len(rows) <= self.decode_step.max_num_seqs:
+            return self.model.compute_logits(self.decode_step.run(rows))
+        input_ids, positions, meta, _ = self._prepare_decode(rows)
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
     @torch.inference_mode()
