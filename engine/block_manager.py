@@ -48,7 +48,8 @@ class BlockManager:
         for i in range(len(hashes), num_blocks):
             # Python's tuple hash: 64 bits, deterministic for ints; the chain makes a block's key depend on
             # everything before it
-            hashes.append(hash((hashes[-1] if hashes else None, tuple(tokens[i * bs:(i + 1) * bs]))))
+            # the chain starts from the adapter: equal tokens under two adapters have different K/V
+            hashes.append(hash((hashes[-1] if hashes else seq.lora_name, tuple(tokens[i * bs:(i + 1) * bs]))))
         return hashes
 
     def allocate(self, seq: Sequence) -> bool:

@@ -36,6 +36,9 @@ class EngineConfig:
                                           # or "float32" / "float16" (engine/model_runner.py: kv_cache_dtype)
     load_format: str = "auto"             # "dummy": random weights of the checkpoint's shapes (benchmarks)
     speculative_config: dict | None = None  # vLLM's keys: engine/speculative.py
+    enable_lora: bool = False             # serve LoRA adapters (engine/lora.py); decode steps then run eagerly
+    max_loras: int = 4                    # adapters resident at once
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size"):

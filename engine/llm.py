@@ -30,10 +30,11 @@ class LLM:
 
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        """lora_request: an engine.lora.LoRARequest for every prompt, or a list of them (None: the base model)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._run(list(prompts), params, use_tqdm)
+        return self._run(list(prompts), params, use_tqdm, lora_request)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -71,15 +72,18 @@ class LLM:
             return params
         return [params] * count
 
-    def _run(self, prompts: list, params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list, params, use_tqdm: bool, lora_request=None) -> list[RequestOutput]:
         params = self._params_list(params, len(prompts))
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"lora_request: {len(loras)} given for {len(prompts)} prompts")
         ids = [f"offline-{next(self._request_ids)}" for _ in prompts]
         try:
-            for request_id, prompt, p in zip(ids, prompts, params):
+            for request_id, prompt, p, lora in zip(ids, prompts, params, loras):
                 if isinstance(prompt, tuple):  # (rendered text, its token ids), from chat()
-                    self.engine.add_request(request_id, prompt[0], p, prompt_token_ids=prompt[1])
+                    self.engine.add_request(request_id, prompt[0], p, prompt_token_ids=prompt[1], lora_request=lora)
                 else:
-                    self.engine.add_request(request_id, prompt, p)
+                    self.engine.add_request(request_id, prompt, p, lora_request=lora)
         except Exception:
             for request_id in ids:  # all or nothing: a bad prompt leaves no half-submitted batch behind
                 self.engine.abort_request(request_id)

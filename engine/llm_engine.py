@@ -79,7 +79,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, dtype, device, backend,
-                                  config.max_num_seqs, self.max_model_len, config.enforce_eager, self.kv_dtype)
+                                  config.max_num_seqs, self.max_model_len,
+                                  config.enforce_eager or config.enable_lora, self.kv_dtype)
+        self.lora = None
+        if config.enable_lora:
+            from engine.lora import LoRAManager
+            self.lora = self.runner.lora = LoRAManager(loaded.model, config.max_loras, config.max_lora_rank, device)
         logger.info("kernels: %s; path: %s%s", backend.name, self.path,
                     "" if config.enforce_eager or self.runner.decode_step is None else
                     (", decode steps as CUDA graphs" if device.type == "cuda" else ", decode steps compiled"))
@@ -134,7 +139,7 @@ class LLMEngine:
         return limit
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None) -> None:
+                    prompt_token_ids: list[int] | None = None, lora_request=None) -> None:
         """Validate and queue a request: a text prompt, or token ids (with the text they came from, if known).
 
         Raises ValueError, leaving the engine untouched, on bad input."""
@@ -157,11 +162,14 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which must leave room for at least one generated token")
         params.validate_vocab(self.vocab_size)
+        lora_slot = self._lora_slot(lora_request)
         matchers = self.grammars.matchers(params.structured_outputs, params.n)
         seqs, detoks = [], []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params)
             seq.grammar = matchers[index]
+            if lora_request is not None:
+                seq.lora_name, seq.lora_slot = lora_request.lora_name, lora_slot
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop_list,
@@ -169,6 +177,14 @@ class LLMEngine:
         self.requests[request_id] = _Request(request_id, text, list(token_ids), seqs, detoks)
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _lora_slot(self, lora_request) -> int:
+        if lora_request is None:
+            return 0
+        if self.lora is None:
+            raise ValueError("lora_request needs an engine with enable_lora=True")
+        in_use = {seq.lora_name for r in self.requests.values() for seq in r.seqs if not seq.is_finished}
+        return self.lora.slot(lora_request, in_use)
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)

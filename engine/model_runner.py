@@ -53,6 +53,7 @@ class ModelRunner:
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
         self.decode_step = None
+        self.lora = None  # engine/lora.py's LoRAManager, with enable_lora
         self.prompt_logits: dict[int, torch.Tensor] = {}
         # CUDA graphs of the Triton kernels, or the compiled CPU step with the cpu backend (Triton's interpreter
         # on a CPU cannot be compiled)
@@ -108,6 +109,8 @@ class ModelRunner:
         stored before any row attends, and a row's context ends at its own position."""
         rows = [_Row(seq.block_table, seq.all_token_ids[p], p + 1) for seq in seqs
                 for p in range(seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens)]
+        if self.lora is not None:
+            self.lora.set_tokens([seq.lora_slot for seq in seqs for _ in range(seq.num_scheduled_tokens)])
         if self.decode_step is not None and len(rows) <= self.decode_step.max_num_seqs:
             return self.model.compute_logits(self.decode_step.run(rows))
         input_ids, positions, meta, _ = self._prepare_decode(rows)
@@ -118,6 +121,8 @@ class ModelRunner:
         """Next-token logits [len(seqs), vocab], float32. A prefill also leaves in `prompt_logits` the logits of
         every position it computed for the sequences that want prompt logprobs (seq_id -> [tokens, vocab])."""
         self.prompt_logits = {}
+        if self.lora is not None:
+            self.lora.set_tokens([seq.lora_slot for seq in seqs for _ in range(seq.num_scheduled_tokens)])
         if not is_prefill and self.decode_step is not None:
             return self.model.compute_logits(self.decode_step.run(seqs))
         prepare = self._prepare_prefill if is_prefill else self._prepare_decode

@@ -37,6 +37,8 @@ class Sequence:
     generator: torch.Generator | None = None
     grammar: Any = None  # an xgrammar GrammarMatcher when the request constrains its output
     num_preemptions: int = 0
+    lora_name: str | None = None  # the adapter it runs with (engine/lora.py); None: the base model
+    lora_slot: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
 
