@@ -6,6 +6,7 @@ surface, each in its own module:
     messages.py      /v1/messages, /v1/messages/count_tokens (Anthropic)
     embeddings.py    /v1/embeddings
     tokenization.py  /tokenize, /detokenize (vLLM's shapes)
+    lora.py          /v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM's)
     web.py           the chat page at /
 
 Every generating route goes through pipeline.py (render -> tokenize -> constrain -> engine -> outputs)."""
@@ -18,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server import chat, embeddings, messages, responses, tokenization, web
+from server import chat, embeddings, lora, messages, responses, tokenization, web
 from server.async_engine import AsyncEngine
 from server.errors import BodySizeLimit, install_error_handlers
 from server.metrics import Metrics
@@ -66,11 +67,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)], responses=ERRORS)
     async def models(request: Request, engine: AsyncEngine = Depends(ready)):
         cards = [ModelCard(id=settings.served_model_name, max_model_len=engine.engine.max_model_len)]
+        cards += [ModelCard(id=name, max_model_len=engine.engine.max_model_len, parent=settings.served_model_name,
+                            root=lora.lora_path) for name, lora in state.loras.items()]
         if state.retrieval is not None:
             cards.append(ModelCard(id=state.retrieval.encoder.name, max_model_len=state.retrieval.encoder.max_tokens))
         return ModelList(data=cards)
 
-    for module in (chat, responses, messages, embeddings, tokenization, web):
+    for module in (chat, responses, messages, embeddings, tokenization, lora, web):
         app.include_router(module.router)
     return app
 

@@ -65,10 +65,10 @@ class AsyncEngine:
         return self._inbox.qsize() + self.engine.num_waiting
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as it advances; closing the iterator early aborts the request."""
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic())
-        self._inbox.put(("add", request_id, prompt, prompt_token_ids, params, stream))
+        self._inbox.put(("add", request_id, prompt, prompt_token_ids, params, stream, lora_request))
         self._wake.set()
         finished = False
         try:
@@ -118,10 +118,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if message[0] == "add":
-                _, request_id, prompt, prompt_token_ids, params, stream = message
+                _, request_id, prompt, prompt_token_ids, params, stream, lora_request = message
                 try:
-                    self.engine.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids)
-                except ValueError as e:
+                    self.engine.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids,
+                                            lora_request=lora_request)
+                except (ValueError, FileNotFoundError) as e:
                     stream.put(e)
                     continue
                 self._streams[request_id] = stream

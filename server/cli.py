@@ -43,6 +43,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         '"prompt_lookup_max": 5, "prompt_lookup_min": 2} or {"method": "draft_model", "model": PATH, '
                         '"num_speculative_tokens": 4}; greedy outputs stay the same, sampled ones keep their '
                         "distribution (engine/speculative.py)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters (--lora-modules, /v1/load_lora_adapter); decode steps then run eagerly")
+    p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident in one batch")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the highest adapter rank accepted")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto = float16 for a GGUF file's blocks on the CPU kernels (as llama.cpp's cache), else the "
                         "model's dtype; float16 with a float32 model needs the cpu attention backend")
@@ -58,6 +62,13 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
@@ -65,7 +76,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
                         enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                        speculative_config=args.speculative_config)
+                        speculative_config=args.speculative_config, enable_lora=args.enable_lora,
+                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -80,7 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
                               embedding_model=None if args.embedding_model == "none" else args.embedding_model,
                               rag_index=args.rag_index, reasoning_parser=args.reasoning_parser,
                               allowed_origins=args.allowed_origins or [],
-                              max_stored_responses=args.max_stored_responses)
+                              max_stored_responses=args.max_stored_responses,
+                              lora_modules=dict(args.lora_modules or []))
     from models.reward import is_reward_model
     if is_reward_model(args.model):  # a reward model answers /score, not generation (server/score.py)
         from server.score import create_score_app
@@ -176,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--reasoning-parser", default="auto", choices=SETTINGS,
                        help="split a thinking model's reasoning (<think>...</think>) off its answer, into "
                             "reasoning_content / reasoning: auto = when the chat template uses the tag; none = never")
+    serve.add_argument("--lora-modules", nargs="+", type=_name_path, default=None, metavar="NAME=PATH",
+                       help="LoRA adapters served from the start (needs --enable-lora); a request picks one by model")
     serve.add_argument("--max-stored-responses", type=int, default=1000,
                        help="/v1/responses kept in memory for GET and previous_response_id (oldest evicted first)")
     serve.add_argument("--allowed-origins", nargs="*", default=None,

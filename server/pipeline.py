@@ -70,7 +70,8 @@ async def generate(request: Request, engine: AsyncEngine, request_id: str,
     if engine.num_waiting >= settings.max_queue:
         raise APIError(429, f"too many requests waiting ({settings.max_queue}); retry later", code="queue_full")
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-    outputs = _merge([engine.generate(rid, p.text, p.token_ids, params)
+    lora = getattr(request.state, "lora", None)  # the adapter the request's `model` names (state.check_model)
+    outputs = _merge([engine.generate(rid, p.text, p.token_ids, params, lora)
                       for rid, (p, params) in zip(ids, prompts)])
     first = await unless_disconnected(request, _first(outputs))
     return _chain(first, outputs)
@@ -117,7 +118,7 @@ async def _merge(generators: list[AsyncIterator[RequestOutput]]) -> Outputs:
 async def _first(outputs: Outputs) -> tuple[int, RequestOutput]:
     try:
         return await outputs.__anext__()
-    except ValueError as e:  # the engine rejected the request
+    except (ValueError, FileNotFoundError) as e:  # the engine rejected the request
         await outputs.aclose()
         raise APIError(400, str(e), code="invalid_value") from None
 

@@ -31,6 +31,7 @@ class ServerSettings:
     reasoning_parser: str = "auto"  # text/reasoning.py: auto (from the chat template), none, or a convention
     allowed_origins: list[str] = field(default_factory=list)  # CORS
     max_stored_responses: int = 1000  # /v1/responses with store: the oldest are evicted beyond this
+    lora_modules: dict[str, str] = field(default_factory=dict)  # --lora-modules name=path: adapters served at start
 
 
 @dataclass
@@ -43,11 +44,16 @@ class ServerState:
     load_error: str | None = None
     on_load_failure: object = None  # callable run (in the loader thread) when the model cannot be loaded
     loaded: threading.Event = field(default_factory=threading.Event)
+    loras: dict = field(default_factory=dict)  # adapter name -> engine.lora.LoRARequest (server/lora.py)
 
     def load(self) -> None:
         try:
             self.retrieval = self._load_retrieval()  # first: a bad index stops start-up before the model loads
-            self.engine = AsyncEngine(LLMEngine(self.settings.engine), self.metrics)
+            engine = LLMEngine(self.settings.engine)
+            from server.lora import register  # adapters are checked against the loaded model before serving
+            for name, path in self.settings.lora_modules.items():
+                register(self, engine, name, path)
+            self.engine = AsyncEngine(engine, self.metrics)
             self.engine.start()
         except Exception as e:
             logger.error("could not load model %r: %s", self.settings.engine.model, e)
@@ -89,10 +95,14 @@ def authorized(request: Request) -> None:
 
 
 def check_model(request: Request, name: str | None) -> None:
-    served = state_of(request).settings.served_model_name
-    if name is not None and name != served:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}", param="model",
-                       code="model_not_found")
+    """404 unless `name` is the served model or one of its LoRA adapters (which the request then runs with)."""
+    state = state_of(request)
+    served = state.settings.served_model_name
+    request.state.lora = state.loras.get(name) if name is not None else None
+    if name is not None and name != served and request.state.lora is None:
+        adapters = f" and the adapters {', '.join(sorted(state.loras))}" if state.loras else ""
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}{adapters}",
+                       param="model", code="model_not_found")
 
 
 def retrieval(request: Request) -> Retrieval:

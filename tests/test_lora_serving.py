@@ -113,3 +113,51 @@ def test_bad_adapters_are_refused_naming_the_problem(tiny_checkpoint, served, tm
     with pytest.raises(ValueError, match="enable_lora"):
         plain.generate([PROMPTS[0]], GREEDY, use_tqdm=False, lora_request=LoRARequest("x", 1, str(high)))
     assert _tokens(served.generate([PROMPTS[0]], GREEDY, use_tqdm=False))  # the engine goes on
+
+
+def test_server_serves_adapters_by_model_name_and_loads_them_while_others_stream(tiny_checkpoint, adapters, served,
+                                                                                  tmp_path):
+    import threading
+
+    import httpx
+
+    from tests.conftest import RunningServer
+    server = RunningServer(str(tiny_checkpoint("llama")), "--served-model-name", "tiny", "--dtype", "float32",
+                           "--max-model-len", "256", "--kv-cache-memory", "16MiB", "--embedding-model", "none",
+                           "--enable-lora", "--max-lora-rank", "8", "--lora-modules", f"a0={adapters[0]}")
+    url, headers = server.base_url, server.headers
+
+    def complete(model: str, **extra) -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", headers=headers, timeout=120, json={
+            "model": model, "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "ignore_eos": True, **extra})
+
+    try:
+        cards = {c["id"]: c for c in httpx.get(f"{url}/v1/models", headers=headers).json()["data"]}
+        assert cards["a0"]["parent"] == "tiny" and cards["tiny"]["parent"] is None
+        offline = served.generate([PROMPTS[1]], GREEDY, use_tqdm=False,
+                                  lora_request=LoRARequest("a0", 1, str(adapters[0])))[0].outputs[0].text
+        assert complete("a0").json()["choices"][0]["text"] == offline
+        long_done = {}
+        stream = threading.Thread(target=lambda: long_done.update(r=complete("a0", max_tokens=200)))
+        stream.start()  # a0 streams while a1 is loaded and a0 unloaded
+        loaded = httpx.post(f"{url}/v1/load_lora_adapter", headers=headers,
+                            json={"lora_name": "a1", "lora_path": str(adapters[1])})
+        assert loaded.status_code == 200, loaded.text
+        assert complete("a1").status_code == 200
+        assert httpx.post(f"{url}/v1/unload_lora_adapter", headers=headers, json={"lora_name": "a0"}).status_code == 200
+        stream.join(120)
+        assert long_done["r"].status_code == 200 and long_done["r"].json()["usage"]["completion_tokens"] == 200
+        gone = complete("a0")
+        assert gone.status_code == 404 and gone.json()["error"]["param"] == "model"
+        bad = [({"lora_name": "x", "lora_path": str(tmp_path / "nothing")}, 404, "lora_path"),
+               ({"lora_name": "a1", "lora_path": str(adapters[2])}, 400, "lora_name"),
+               ({"lora_name": "tiny", "lora_path": str(adapters[2])}, 400, "lora_name"),
+               ({"lora_name": "x"}, 400, "lora_path")]
+        for body, status, param in bad:
+            r = httpx.post(f"{url}/v1/load_lora_adapter", headers=headers, json=body)
+            assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", headers=headers, json={"lora_name": "nope"})
+        assert r.status_code == 404
+        assert complete("tiny").status_code == 200
+    finally:
+        server.stop()
