@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.lora import lora_delta
+from kernels.lora import lora_delta, segments
 from models.lora_adapter import LoRAAdapter, load_adapter, module_shapes
 
 
@@ -23,8 +23,9 @@ class LoRARequest:
 
 
 class _Tokens:
-    """The step's adapter slot per token, shared by every wrapped module (None: no adapter in the batch)."""
+    """The step's adapter slot per token and its segments, shared by every wrapped module (None: no adapter)."""
     slots: torch.Tensor | None = None
+    plan: list | None = None
 
 
 class LoRASlots(nn.Module):
@@ -35,12 +36,14 @@ class LoRASlots(nn.Module):
         self.register_buffer("a", torch.zeros(num_slots, rank, size_in, device=device), persistent=False)
         self.register_buffer("b", torch.zeros(num_slots, size_out, rank, device=device), persistent=False)
         self.register_buffer("scales", torch.zeros(num_slots, device=device), persistent=False)
+        self.ranks = [0] * num_slots
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.tokens.slots is None:
             return out
-        delta = lora_delta(x.reshape(-1, x.shape[-1]).float(), self.tokens.slots, self.a, self.b, self.scales)
+        delta = lora_delta(x.reshape(-1, x.shape[-1]).float(), self.tokens.slots, self.a, self.b, self.scales,
+                           self.tokens.plan, self.ranks)
         return out + delta.reshape(out.shape).to(out.dtype)
 
 
@@ -81,6 +84,7 @@ class LoRAManager:
             a, b = adapter.modules.get(key, (None, None))
             wrapper.a[slot].zero_()
             wrapper.b[slot].zero_()
+            wrapper.ranks[slot] = 0 if a is None else a.shape[0]
             if a is not None:
                 wrapper.a[slot, :a.shape[0]] = a
                 wrapper.b[slot, :, :a.shape[0]] = b
@@ -96,3 +100,4 @@ class LoRAManager:
     def set_tokens(self, slots: list[int]) -> None:
         """The slot of every token of the next forward (all 0: the base model, no LoRA work at all)."""
         self.tokens.slots = torch.tensor(slots, device=self.device) if any(slots) else None
+        self.tokens.plan = None if self.tokens.slots is None else segments(self.tokens.slots)

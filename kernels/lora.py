@@ -9,14 +9,27 @@ plain-torch reference and the CPU path: a segmented product, one pair of GEMMs p
 import torch
 
 
-def lora_delta(x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-               scales: torch.Tensor) -> torch.Tensor:
-    """x [T, in], slots [T] int, a [S, r, in], b [S, out, r], scales [S] -> [T, out] in x's dtype."""
-    out = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+def segments(slots: torch.Tensor) -> list[tuple[int, torch.Tensor | slice]]:
+    """(slot, its rows) for every adapter present: computed once per step, shared by every module. Rows that are
+    one contiguous run become a slice (no gather)."""
+    found = []
     for slot in torch.unique(slots).tolist():
         if slot == 0:
             continue
         rows = (slots == slot).nonzero().squeeze(1)
-        hidden = x[rows] @ a[slot].t()
-        out[rows] = (hidden @ b[slot].t()) * scales[slot].to(x.dtype)
+        first, last = int(rows[0]), int(rows[-1])
+        found.append((slot, slice(first, last + 1) if last - first + 1 == len(rows) else rows))
+    return found
+
+
+def lora_delta(x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
+               plan: list[tuple[int, torch.Tensor | slice]] | None = None,
+               ranks: list[int] | None = None) -> torch.Tensor:
+    """x [T, in], slots [T] int, a [S, r, in], b [S, out, r], scales [S] -> [T, out] in x's dtype. `plan`: the
+    step's segments(slots); `ranks`: each slot's own rank (the stacks' padding skipped)."""
+    out = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+    for slot, rows in plan if plan is not None else segments(slots):
+        r = ranks[slot] if ranks is not None else a.shape[1]
+        hidden = x[rows] @ a[slot, :r].t()
+        out[rows] = (hidden @ b[slot, :, :r].t()) * scales[slot].to(x.dtype)
     return out
