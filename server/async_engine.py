@@ -173,6 +173,11 @@ class AsyncEngine:
         m.prefix_cache_queries.inc(bm.prefix_queries - self._prefix_seen[0])
         m.prefix_cache_hits.inc(bm.prefix_hits - self._prefix_seen[1])
         self._prefix_seen = (bm.prefix_queries, bm.prefix_hits)
+        if self.engine.lora is not None:
+            sched = self.engine.scheduler
+            names = lambda queue: [seq.lora_name for seq in queue if seq.lora_name]  # noqa: E731
+            m.set_lora_requests(self.engine.config.max_loras, names(sched.running) + names(sched.prefilling),
+                                names(sched.waiting))
         spec = self.engine.speculator
         if spec is not None:
             now = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)

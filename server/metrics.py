@@ -1,4 +1,6 @@
 """Prometheus metrics, named as vLLM names them (with our `tokenmill:` prefix) so dashboards carry over."""
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
@@ -40,8 +42,16 @@ class Metrics:
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish")
         self.request_queue_time = histogram("request_queue_time_seconds", "Time waiting before the first prefill")
 
+        self._lora_info = Gauge("tokenmill:lora_requests_info", "LoRA adapters of the running and waiting requests",
+                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=reg)
         self._expert_tokens = Gauge("tokenmill:moe_expert_tokens", "Mixture-of-Experts: (token, slot) pairs routed "
                                     "to each expert since start, by layer", labels + ["layer", "expert"], registry=reg)
+
+    def set_lora_requests(self, max_loras: int, running: list[str], waiting: list[str]) -> None:
+        """vLLM's lora_requests_info: the adapters of running and waiting requests as labels, the time as value."""
+        self._lora_info.clear()
+        self._lora_info.labels(str(max_loras), ",".join(sorted(set(waiting))),
+                               ",".join(sorted(set(running)))).set(time.time())
 
     def set_expert_load(self, load: dict[int, list[int]]) -> None:
         """engine.expert_load(): read when /metrics is scraped, not after every step."""

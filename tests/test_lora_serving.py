@@ -118,6 +118,7 @@ def test_bad_adapters_are_refused_naming_the_problem(tiny_checkpoint, served, tm
 def test_server_serves_adapters_by_model_name_and_loads_them_while_others_stream(tiny_checkpoint, adapters, served,
                                                                                   tmp_path):
     import threading
+    import time
 
     import httpx
 
@@ -140,6 +141,13 @@ def test_server_serves_adapters_by_model_name_and_loads_them_while_others_stream
         long_done = {}
         stream = threading.Thread(target=lambda: long_done.update(r=complete("a0", max_tokens=200)))
         stream.start()  # a0 streams while a1 is loaded and a0 unloaded
+        for _ in range(100):  # vLLM's lora_requests_info names the running request's adapter
+            info = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                    if line.startswith("tokenmill:lora_requests_info{")]
+            if info and 'running_lora_adapters="a0"' in info[0]:
+                break
+            time.sleep(0.05)
+        assert 'running_lora_adapters="a0"' in info[0] and 'max_lora="4"' in info[0], info
         loaded = httpx.post(f"{url}/v1/load_lora_adapter", headers=headers,
                             json={"lora_name": "a1", "lora_path": str(adapters[1])})
         assert loaded.status_code == 200, loaded.text
