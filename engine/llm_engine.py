@@ -304,9 +304,10 @@ class LLMEngine:
         for seq in seqs:
             if seq.seq_id in self.runner.prompt_logits:
                 self._add_prompt_logprobs(seq, self.runner.prompt_logits[seq.seq_id])
+        finishing = [i for i, seq in enumerate(seqs) if self.scheduler.will_sample(seq)]
         # a request with max_tokens 0 only computes its prompt: it finishes without a token
-        done = [seq for seq in seqs if seq.params.max_tokens == 0 and self.scheduler.will_sample(seq)]
-        rows = [i for i, seq in enumerate(seqs) if self.scheduler.will_sample(seq) and seq.params.max_tokens != 0]
+        done = [seqs[i] for i in finishing if seqs[i].params.max_tokens == 0]
+        rows = [i for i in finishing if seqs[i].params.max_tokens != 0]
         ready = [seqs[i] for i in rows]
         sampled = self.sampler(logits[rows] if len(rows) < len(seqs) else logits, ready) if ready else None
         self.scheduler.commit(seqs)

@@ -92,11 +92,6 @@ class LoRAManager:
         self.loaded[adapter.name] = (slot, adapter)
         return slot
 
-    def remove(self, name: str) -> None:
-        if name not in self.loaded:
-            raise ValueError(f"no adapter named {name!r} is loaded")
-        self.loaded.pop(name)
-
     def set_tokens(self, slots: list[int]) -> None:
         """The slot of every token of the next forward (all 0: the base model, no LoRA work at all)."""
         self.tokens.slots = torch.tensor(slots, device=self.device) if any(slots) else None

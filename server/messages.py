@@ -16,14 +16,14 @@ from fastapi import APIRouter, Depends, Request
 from engine import CompletionOutput, SamplingParams
 from engine.sampling_params import StructuredOutputsParams
 from server.async_engine import AsyncEngine
-from server.constraints import Named, OutputPlan, after_reasoning, plan_tools
+from server.constraints import Named, OutputPlan, plan_tools
 from server.errors import APIError, check_api_key
 from server.messages_protocol import (CountTokensRequest, DocumentBlock, ErrorResponse, ImageBlock, Message,
                                       MessagesRequest, RedactedThinkingBlock, TextBlock, ThinkingBlock, TokenCount,
                                       ToolChoice, ToolDefinition, ToolResultBlock, ToolUseBlock)
 from server.pipeline import Outputs, Prompt, final_outputs, generate, max_tokens, render, sse
 from server.state import check_model, ready, state_of
-from text.reasoning import Reasoning, StreamingReasoning, reasoning_for
+from text.reasoning import Reasoning, StreamingReasoning
 from text.tool_parser import Delta, StreamingToolParser
 
 
@@ -85,16 +85,7 @@ def _prompt(request: Request, engine: AsyncEngine, req: CountTokensRequest) -> t
                       choice_param="tool_choice.name")
     # Qwen3's template reads enable_thinking; it is passed only when the request says
     kwargs = None if req.thinking is None else {"enable_thinking": req.thinking.type != "disabled"}
-    unwrapped = plan.constraint
-    prompt = render(request, engine, messages, plan, kwargs)
-    if not prefill:
-        return plan, prompt
-    tok = engine.engine.tokenizer
-    text = prompt.text + prefill
-    # as render does, for the prompt the model continues (a prefill may open the reasoning)
-    plan.reasoning = reasoning_for(state_of(request).settings.reasoning_parser, tok.chat_template, text)
-    plan.constraint = after_reasoning(unwrapped, plan.reasoning)
-    return plan, Prompt(text, tok.encode(text, add_special_tokens=False))
+    return plan, render(request, engine, messages, plan, kwargs, prefill=prefill)
 
 
 def _function(tool: ToolDefinition) -> dict[str, Any]:

@@ -31,12 +31,12 @@ class Prompt:
 
 
 def render(request: Request, engine: AsyncEngine, messages: list[dict], plan: OutputPlan,
-           template_kwargs: dict | None = None, add_generation_prompt: bool = True) -> Prompt:
-    """The conversation through the model's chat template, with the plan's tools; sets plan.reasoning from the
-    server's --reasoning-parser and the rendered prompt."""
+           template_kwargs: dict | None = None, add_generation_prompt: bool = True, prefill: str = "") -> Prompt:
+    """The conversation through the model's chat template, with the plan's tools, then `prefill` (the start of the
+    answer, which the model continues); sets plan.reasoning from the server's --reasoning-parser and that prompt."""
     tok = engine.engine.tokenizer
     text = tok.apply_chat_template(messages, tools=plan.tools, add_generation_prompt=add_generation_prompt,
-                                   **(template_kwargs or {}))
+                                   **(template_kwargs or {})) + prefill
     plan.reasoning = reasoning_for(state_of(request).settings.reasoning_parser, tok.chat_template, text)
     plan.constraint = after_reasoning(plan.constraint, plan.reasoning)  # the reasoning itself stays free
     return Prompt(text, tok.encode(text, add_special_tokens=False))

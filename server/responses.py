@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from engine import RequestOutput
+from engine import RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine
 from server.constraints import plan_tools
 from server.errors import APIError
@@ -143,7 +143,7 @@ class _Store:
 
 def _store(request: Request) -> _Store:
     state = state_of(request)
-    if not hasattr(state, "responses"):
+    if state.responses is None:
         state.responses = _Store(state.settings.max_stored_responses)
     return state.responses
 
@@ -162,11 +162,9 @@ async def create_response(req: ResponsesRequest, request: Request, engine: Async
     messages = to_messages(req.instructions, ResponsesRequest(input=conversation).input_items())
     prompt = render(request, engine, messages, plan)
     budget = max_tokens(engine, len(prompt.token_ids), req.max_output_tokens, "max_output_tokens", "input")
-    chat_fields = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "top_k": req.top_k,
-                   "stop": req.stop}
-    from server.protocol import ChatCompletionRequest  # the sampling fields are the chat request's
-    sampling = ChatCompletionRequest(messages=[{"role": "user", "content": ""}], **chat_fields)
-    params = sampling.sampling_params(budget, None, plan.constraint)
+    params = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
+                            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+                            stop=req.stop, max_tokens=budget, structured_outputs=plan.constraint)
     response_id = _id("resp")
     outputs = await generate(request, engine, response_id, [(prompt, params)], plan)
     tokenizer, model = engine.engine.tokenizer, state_of(request).settings.served_model_name

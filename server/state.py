@@ -45,6 +45,7 @@ class ServerState:
     on_load_failure: object = None  # callable run (in the loader thread) when the model cannot be loaded
     loaded: threading.Event = field(default_factory=threading.Event)
     loras: dict = field(default_factory=dict)  # adapter name -> engine.lora.LoRARequest (server/lora.py)
+    responses: object = None  # server/responses.py's store of /v1/responses, made on first use
 
     def load(self) -> None:
         try:

@@ -9,7 +9,7 @@ when thinking is off (Qwen3 with enable_thinking=False), so the answer has none.
 unfinished reading is always a prefix of the finished one (a tag still being written is held back), so a stream's
 pieces add up to exactly the non-streamed split.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 CONVENTIONS = {"think": ("<think>", "</think>")}
 ALIASES = {"qwen3": "think", "deepseek_r1": "think", "deepseek-r1": "think"}
@@ -84,7 +84,6 @@ class StreamingReasoning:
     reasoning: Reasoning | None
     text: str = ""
     sent: tuple[int, int] = (0, 0)
-    saw_reasoning: bool = field(default=False)
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
         self.text += delta
@@ -92,7 +91,6 @@ class StreamingReasoning:
             return "", delta
         thought, answer = _split(self.text, self.reasoning, final)
         thought = thought or ""
-        self.saw_reasoning = self.saw_reasoning or bool(thought)
         out = thought[self.sent[0]:], answer[self.sent[1]:]
         self.sent = (len(thought), len(answer))
         return out
